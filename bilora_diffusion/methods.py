@@ -1,0 +1,303 @@
+"""The methods as one torch optimizer: lora, bilora, dual-descent, lora-sam and flat-lora.
+
+`build_optimizer` returns a real `torch.optim.Optimizer` (LR schedulers, accelerate and `transformers.Trainer`
+take it unchanged). Its param groups are tagged ``group["bilora_role"] = "primary" | "aux"``; the inner
+optimizer (AdamW by default) shares them, so its state and hyper-parameters are those of the wrapper.
+
+One step of Bi-LoRA (DESIGN.md), from the gradient G = dL/dW of ONE forward/backward at
+``W0 + s1·B1·A1 + s2·B2·A2``:
+
+    B1 <- B1 - eta1·s1·G·A1ᵀ     A1 <- A1 - eta1·s1·B1ᵀ·G      (primary: descent)
+    B2 <- B2 + eta2·s2·G·A2ᵀ     A2 <- A2 + eta2·s2·B2ᵀ·G      (auxiliary: ascent, `maximize=True`)
+
+then the clip: c = sqrt(sum_j ||s2·B2_j·A2_j||_F²); if c > rho every B2_j and A2_j is scaled by sqrt(rho/c).
+
+`step(closure)` runs the method with ``closure()`` doing forward + backward and returning the loss. The
+one-pass methods (lora, bilora, dual-descent) also accept ``step()`` on gradients already computed, so they
+drop into loops that call ``backward`` themselves (gradient accumulation, fp16 GradScaler, accelerate).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .adapters import (
+    ModelOrModels,
+    _models,
+    bilora_layers,
+    branch_pairs,
+    branch_parameters,
+    lora_pair,
+    pair_sq_norms,
+)
+from .config import AUX, AUX_METHODS, METHODS, ONE_PASS_METHODS, PRIMARY, BiLoRAConfig, ConfigError
+
+ROLE = "bilora_role"
+STEP_KEY = "bilora_step"  # kept in the param groups, so it travels with the optimizer's state_dict
+
+
+def _supports_maximize(optimizer_cls: type) -> bool:
+    try:
+        return "maximize" in inspect.signature(optimizer_cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class BiLoRAOptimizer(torch.optim.Optimizer):
+    """Wraps an inner optimizer over the primary and auxiliary groups and carries out one method per step.
+
+    Build it with `build_optimizer`. Attributes for logging: ``last_grad_norms`` (per role, before clipping)
+    and ``last_aux_norm`` (c after the step's clip).
+    """
+
+    def __init__(
+        self,
+        param_groups: list[dict],
+        model: ModelOrModels,
+        config: BiLoRAConfig,
+        method: str,
+        optimizer_cls: type[torch.optim.Optimizer],
+        max_grad_norm: float | None = None,
+        total_steps: int | None = None,
+        seed: int = 0,
+        **optimizer_kwargs,
+    ) -> None:
+        self.method = method
+        self.config = config
+        self.max_grad_norm = max_grad_norm
+        self.total_steps = total_steps
+        self.seed = seed
+        self._models = _models(model)
+        self._native_maximize = _supports_maximize(optimizer_cls)
+        ascend = method == "bilora"
+        for group in param_groups:
+            if group[ROLE] == "aux" and ascend and self._native_maximize:
+                group["maximize"] = True
+            group.setdefault(STEP_KEY, 0)
+        defaults = {"lr": optimizer_kwargs.get("lr", 1e-3)}
+        super().__init__(param_groups, defaults)
+        self.inner = optimizer_cls(self.param_groups, **optimizer_kwargs)
+        # One set of groups and one state: the wrapper's state_dict is the inner optimizer's.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        self.defaults.update(self.inner.defaults)
+        self._aux_pairs = branch_pairs(self._models, AUX)
+        self.last_grad_norms: dict[str, float] = {}
+        self.last_aux_norm = 0.0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # -- state --------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict)
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (saved with the state dict; flat-lora's ramp and noise seed use it)."""
+        return int(self.param_groups[0].get(STEP_KEY, 0))
+
+    def _groups(self, role: str) -> list[dict]:
+        return [g for g in self.param_groups if g[ROLE] == role]
+
+    def _params(self, role: str) -> list[torch.Tensor]:
+        return [p for g in self._groups(role) for p in g["params"]]
+
+    # -- the step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One optimizer step of the method. ``closure()`` runs forward + backward and returns the loss."""
+        if closure is None and self.method not in ONE_PASS_METHODS:
+            raise RuntimeError(
+                f"method {self.method!r} needs optimizer.step(closure): the closure runs forward and backward "
+                "and returns the loss (lora-sam calls it twice, flat-lora perturbs W0 around it)"
+            )
+        loss = None
+        if self.method == "lora-sam":
+            loss = self._sam_passes(closure)
+        elif self.method == "flat-lora":
+            loss = self._flat_lora_pass(closure)
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._clip_grads()
+        self._inner_step()
+        if self._aux_pairs and self.config.clip != "none":
+            self._clip_aux()
+        elif self._aux_pairs:
+            self.last_aux_norm = float(pair_sq_norms(self._aux_pairs).sum().sqrt())
+        for group in self.param_groups:
+            group[STEP_KEY] = group.get(STEP_KEY, 0) + 1
+        return loss
+
+    def _inner_step(self) -> None:
+        # Ascent without native `maximize` support (e.g. bitsandbytes): negate the auxiliary gradients, which
+        # is what torch's `maximize=True` does, and restore them so logged gradients keep their sign.
+        negate = self.method == "bilora" and not self._native_maximize
+        aux_grads = [p.grad for p in self._params("aux") if p.grad is not None] if negate else []
+        for g in aux_grads:
+            g.neg_()
+        self.inner.step()
+        for g in aux_grads:
+            g.neg_()
+
+    def _clip_grads(self) -> None:
+        """Gradient norms per role; with max_grad_norm, each role is clipped on its own, so the ascent's
+        gradient never shrinks the descent's."""
+        self.last_grad_norms = {}
+        for role in ("primary", "aux"):
+            params = [p for p in self._params(role) if p.grad is not None]
+            if not params:
+                continue
+            if self.max_grad_norm:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))
+            self.last_grad_norms[role] = float(norm)
+
+    def _clip_aux(self) -> None:
+        """Keep the auxiliary perturbation inside rho: one global factor (paper) or one per layer."""
+        sq = pair_sq_norms(self._aux_pairs)
+        rho = self.config.rho
+        if self.config.clip == "global":
+            c = sq.sum().sqrt()
+            factors = torch.where(c > rho, (rho / c).sqrt(), torch.ones_like(c)).expand_as(sq)
+        else:
+            c_j = sq.sqrt()
+            factors = torch.where(c_j > rho, (rho / c_j.clamp_min(1e-30)).sqrt(), torch.ones_like(c_j))
+        for pair, f in zip(self._aux_pairs, factors.tolist()):
+            if f != 1.0:
+                pair.A_param.mul_(f)
+                pair.B_param.mul_(f)
+        self.last_aux_norm = float((sq * factors.pow(4)).sum().sqrt())
+
+    # -- lora-sam -----------------------------------------------------------------------------------
+    def _sam_passes(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """SAM on the LoRA parameters: pass at w, move to w + rho·g/||g|| (global norm over all LoRA tensors),
+        pass again on the same batch, restore w bitwise; the step then uses the second pass's gradients."""
+        with torch.enable_grad():
+            loss = closure()
+        params = [p for p in self._params("primary") if p.grad is not None]
+        if not params:
+            return loss
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))
+        scale = self.config.rho / (grad_norm + 1e-12)
+        saved = [p.detach().clone() for p in params]
+        for p in params:
+            p.add_(p.grad * scale.to(p.grad.dtype))
+        self.zero_grad(set_to_none=True)
+        try:
+            with torch.enable_grad():
+                closure()
+        finally:
+            for p, w in zip(params, saved):
+                p.copy_(w)
+        return loss
+
+    # -- flat-lora ----------------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        # Seeded by (seed, step): the same noise on every rank and after a resume.
+        gen.manual_seed(self.seed * 1_000_003 + self.step_count)
+        return gen
+
+    def _flat_lora_pass(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Flat-LoRA: for each adapted layer and output row i, add eps_ij ~ N(0, sigma_i²) to W0 with
+        sigma_i = f_t·rho/sqrt(n_in)·||W'_i||, W' = W0 + s1·B1·A1, f_t = (1 - cos(pi·t/T))/2; run the pass;
+        put W0 back bitwise (from a copy: adding and subtracting in bf16 would drift)."""
+        t, total = self.step_count, self.total_steps
+        f_t = 0.5 * (1.0 - math.cos(math.pi * min(t, total) / total))
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if f_t > 0 and self.config.rho > 0:
+            for layer in bilora_layers(self._models):
+                weight = layer.get_base_layer().weight
+                merged = weight.detach().float() + layer.get_delta_weight(PRIMARY).float()
+                rows = merged.reshape(merged.shape[0], -1)
+                sigma = f_t * self.config.rho / math.sqrt(rows.shape[1]) * rows.norm(dim=1, keepdim=True)
+                noise = torch.randn(rows.shape, generator=self._generator(weight.device), device=weight.device)
+                saved.append((weight, weight.detach().clone()))
+                weight.add_((noise * sigma).reshape(weight.shape).to(weight.dtype))
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            for weight, original in saved:
+                weight.copy_(original)
+        return loss
+
+
+def build_optimizer(
+    model: ModelOrModels | list[tuple[nn.Module, float]],
+    config: BiLoRAConfig,
+    method: str = "bilora",
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    lr: float = 1e-4,
+    *,
+    max_grad_norm: float | None = None,
+    total_steps: int | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> BiLoRAOptimizer:
+    """A torch optimizer that trains the adapters of ``model`` with ``method``.
+
+    Args:
+        model: an attached model, several (e.g. UNet and text encoders), or ``(model, lr)`` pairs to give a
+            model its own learning rate (diffusers' ``--text_encoder_lr``).
+        config: the adapters' config; its rho, clip, aux_lr and aux_weight_decay are used here.
+        method: one of lora, bilora, dual-descent, lora-sam, flat-lora.
+        optimizer_cls: the inner optimizer class for both groups (the auxiliary one with ``maximize=True``
+            under bilora).
+        lr: learning rate of the primary group (the auxiliary group uses ``config.aux_lr`` or this).
+        max_grad_norm: clip each group's gradient norm separately before the update.
+        total_steps: number of optimizer steps T (flat-lora's ramp needs it).
+        seed: seed of flat-lora's noise.
+        kwargs: passed to ``optimizer_cls`` (betas, eps, weight_decay, ...); weight_decay applies to the
+            primary group, ``config.aux_weight_decay`` to the auxiliary one.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    entries = [model] if isinstance(model, nn.Module) else list(model)
+    pairs = [e if isinstance(e, tuple) else (e, lr) for e in entries]
+    modules = [m for m, _ in pairs]
+    has_aux = bool(branch_pairs(modules, AUX))
+    if method in AUX_METHODS and not has_aux:
+        raise ConfigError(f"method {method!r} needs the auxiliary adapter: attach with aux_rank > 0")
+    if method not in AUX_METHODS and has_aux:
+        raise ConfigError(
+            f"method {method!r} trains no auxiliary branch: attach with aux_rank = 0 "
+            f"(BiLoRAConfig.for_method({method!r}) does that)"
+        )
+    if method == "flat-lora" and not total_steps:
+        raise ConfigError("method 'flat-lora' needs total_steps (max_train_steps) for its noise ramp")
+    if not any(True for _ in bilora_layers(modules)):
+        raise ConfigError("the model has no Bi-LoRA adapters: call attach_bilora(model, config) first")
+    groups = []
+    for module, module_lr in pairs:
+        groups.append({"params": branch_parameters(module, PRIMARY), "lr": module_lr, ROLE: "primary"})
+        if has_aux:
+            aux = {"params": branch_parameters(module, AUX), "lr": config.aux_lr or module_lr, ROLE: "aux"}
+            aux["weight_decay"] = config.aux_weight_decay
+            groups.append(aux)
+    groups = [g for g in groups if g["params"]]
+    return BiLoRAOptimizer(
+        groups,
+        modules,
+        config,
+        method,
+        optimizer_cls,
+        max_grad_norm=max_grad_norm,
+        total_steps=total_steps,
+        seed=seed,
+        lr=lr,
+        **kwargs,
+    )
+
+
+__all__ = ["BiLoRAOptimizer", "build_optimizer", "lora_pair"]
