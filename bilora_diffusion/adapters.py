@@ -65,7 +65,9 @@ def attach_bilora(model: nn.Module, config: BiLoRAConfig) -> nn.Module:
     """
     target = unwrap(model)
     if any(isinstance(m, LoraLayer) for m in target.modules()):
-        raise ConfigError("the model already has LoRA adapters; attach_bilora expects a model without adapters")
+        raise ConfigError(
+            "the model already has LoRA adapters; attach_bilora expects a model without adapters"
+        )
     branches = [PRIMARY] + ([AUX] if config.aux_rank else [])
     for branch in branches:
         with warnings.catch_warnings():

@@ -221,7 +221,9 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 merged = weight.detach().float() + layer.get_delta_weight(PRIMARY).float()
                 rows = merged.reshape(merged.shape[0], -1)
                 sigma = f_t * self.config.rho / math.sqrt(rows.shape[1]) * rows.norm(dim=1, keepdim=True)
-                noise = torch.randn(rows.shape, generator=self._generator(weight.device), device=weight.device)
+                noise = torch.randn(
+                    rows.shape, generator=self._generator(weight.device), device=weight.device
+                )
                 saved.append((weight, weight.detach().clone()))
                 weight.add_((noise * sigma).reshape(weight.shape).to(weight.dtype))
         try:

@@ -26,7 +26,9 @@ STATE_FILE = "bilora_adapters.safetensors"
 FORMAT = "bilora-state-v1"
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
     """`safetensors.torch.save_file` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
