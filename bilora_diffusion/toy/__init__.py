@@ -1,0 +1,9 @@
+"""The toy shapes world: the embedded default of the trainers, and the benchmarks' ground truth.
+
+- ``world``: deterministic images + captions, the held-in / new-concept split, the demo dataset;
+- ``analyzer``: image -> (color, shape) by pixel geometry, and ``score`` against intended specs;
+- ``model``: the tiny SDXL (``build_toy_components``, ``load_toy_pipeline``, ``TOY_MODEL_DIR``);
+- ``evaluate``: prompt a pipeline and score it at the default inference settings.
+
+Submodules are not imported here, so ``world`` and ``analyzer`` load without torch or diffusers.
+"""

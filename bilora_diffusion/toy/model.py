@@ -23,8 +23,6 @@ from bilora_diffusion.toy.world import IMAGE_SIZE, VOCABULARY
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "sdxl-tiny"
 """The pretrained toy model shipped with the package (diffusers folder layout)."""
-DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
-"""The demo dataset shipped with the package (kohya layout: NAME.png + NAME.txt)."""
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -95,9 +93,7 @@ def build_toy_tokenizer(words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
     vocab = {BOS_TOKEN: 0, EOS_TOKEN: 1}
     for s in symbols:
         vocab.setdefault(s, len(vocab))
-    tokenizer = CLIPTokenizer(
-        vocab=vocab, merges=[f"{a} {b}" for a, b in merges], model_max_length=MAX_TOKENS
-    )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
     ids = tokenizer(list(words), add_special_tokens=False).input_ids
     bad = [w for w, i in zip(words, ids, strict=True) if len(i) != 1]
     if bad:
@@ -194,6 +190,32 @@ def config_dict(config: ToyModelConfig) -> dict[str, Any]:
     return asdict(config)
 
 
-def load_toy_pipeline(path: str | Path = TOY_MODEL_DIR, dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:
+def load_toy_pipeline(
+    path: str | Path = TOY_MODEL_DIR, dtype: torch.dtype = torch.float32
+) -> StableDiffusionXLPipeline:
     """Load the shipped tiny SDXL offline. float32 by default: the CPU has no fast fp16 kernels."""
     return StableDiffusionXLPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+
+
+def encode_prompt_ids(
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+    ids: torch.Tensor,
+    ids_2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt encoding, as ``StableDiffusionXLPipeline.encode_prompt`` does it (clip_skip=None).
+
+    ids, ids_2: (B, 77) token ids from tokenizer and tokenizer_2. Returns prompt_embeds (B, 77, h1 + h2),
+    the concatenated penultimate hidden states, and pooled (B, h2), text_encoder_2's projected EOS state.
+    Pretraining must condition exactly as the pipeline does, or sampling would see other embeddings.
+    """
+    out_1 = text_encoder(ids, output_hidden_states=True)
+    out_2 = text_encoder_2(ids_2, output_hidden_states=True)
+    embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    return embeds, out_2.text_embeds
+
+
+def add_time_ids(batch_size: int, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """SDXL's micro-conditioning (original size, crop top-left, target size) for uncropped square images."""
+    ids = torch.tensor([image_size, image_size, 0, 0, image_size, image_size], dtype=torch.float32)
+    return ids.repeat(batch_size, 1)

@@ -22,6 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
+"""The demo dataset shipped with the package (kohya layout: NAME.png + NAME.txt); rebuild it with
+``python -m bilora_diffusion.toy.world``."""
+DEMO_SIZE = 24
+DEMO_SEED = 1234
+
 IMAGE_SIZE = 32
 """Side of every toy image in pixels (the tiny VAE maps it to a 4x8x8 latent)."""
 
@@ -184,9 +190,9 @@ def new_concept_combos(shapes: Iterable[str] = SHAPES) -> list[tuple[str, str]]:
 
 
 def make_demo_samples(
-    n: int = 24,
+    n: int = DEMO_SIZE,
     combos: Sequence[tuple[str, str]] | None = None,
-    seed: int = 1234,
+    seed: int = DEMO_SEED,
 ) -> list[tuple[np.ndarray, str, ShapeSpec]]:
     """The demo dataset: ``n`` images of the new concept over ``combos`` (default: purple, all shapes).
 
@@ -229,3 +235,24 @@ def eval_prompts(
         spec = sample_spec(rng, combos=[combos[i % len(combos)]])
         out.append((spec.caption, spec))
     return out
+
+
+def write_demo_dataset(
+    folder: str | Path = DEMO_DATA_DIR,
+    n: int = DEMO_SIZE,
+    combos: Sequence[tuple[str, str]] | None = None,
+    seed: int = DEMO_SEED,
+) -> Path:
+    """Write the demo dataset (or a benchmark's teaching set, given ``combos``) as a kohya folder.
+
+    The folder is emptied of earlier .png/.txt files first, so it always holds exactly this set.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        for old in [*folder.glob("*.png"), *folder.glob("*.txt")]:
+            old.unlink()
+    return write_kohya_folder(make_demo_samples(n, combos, seed), folder)
+
+
+if __name__ == "__main__":
+    print(f"wrote the demo dataset to {write_demo_dataset()}")
