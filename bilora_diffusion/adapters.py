@@ -182,6 +182,20 @@ def aux_disabled(model: ModelOrModels) -> Iterator[None]:
             layer._active_adapter = active
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: ModelOrModels) -> Iterator[None]:
+    """Within this context the model computes the base weights W0 only (the "before" of a comparison)."""
+    layers = list(bilora_layers(model))
+    saved = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, saved):
+            layer._disable_adapters = flag
+
+
 def adapter_state_dict(model: nn.Module, branch: str = PRIMARY) -> dict[str, torch.Tensor]:
     """One branch's tensors with PEFT key names (``<module>.lora_A.weight``, adapter name removed)."""
     target = unwrap(model)

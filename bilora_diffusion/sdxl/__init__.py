@@ -1,0 +1,17 @@
+"""SDXL specifics: components, conditioning, caches, loss, the training loop and validation samples."""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None):
+    """Entry point of train_sdxl.py: bad options exit with code 2 before any model loads."""
+    import logging
+
+    from ..checkpoint import CheckpointError
+    from ..data import DataError
+    from ..options import run_cli
+    from .options import SDXLOptions
+    from .train import train
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return run_cli(train, SDXLOptions, argv, (DataError, CheckpointError))

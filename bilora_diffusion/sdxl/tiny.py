@@ -95,15 +95,17 @@ def tiny_sdxl_components(topology: str = "dummy", seed: int = 0, words: tuple[st
             transformer_layers_per_block=(1, 2, 10),
             **common,
         )
+    # Four levels: the 8x downsampling of SDXL's VAE, so latent sizes are those of the real model.
     vae = AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=(8, 8, 16, 16),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=16,
+        sample_size=64,
+        layers_per_block=1,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,

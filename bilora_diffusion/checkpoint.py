@@ -1,0 +1,166 @@
+"""Resumable checkpoints shared by the trainers: step folders written atomically.
+
+``output_dir/checkpoint-<step>/`` holds
+- ``bilora_adapters.safetensors``: both branches of every trained component (`state.save_bilora_state`);
+- ``optimizer.pt`` / ``scheduler.pt``: state dicts of tensors and numbers only (loaded with weights_only=True);
+- ``rng.pt``: torch CPU/CUDA generator states;
+- ``training_config.yaml``: the resolved options;
+- ``trainer_state.json``: step, data position and what the run was (method, rank, base model) — written last.
+
+A checkpoint is first written to a hidden temporary folder and renamed when complete, so a crash (or kill -9)
+mid-write never leaves a folder that looks complete, and the previous checkpoint is deleted by rotation only
+after the new one exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BiLoRAConfig
+from .state import STATE_FILE, load_bilora_state, save_bilora_state
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "training_config.yaml"
+MIN_FREE_BYTES = 64 * 2**20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or does not fit this run; the message says which and why."""
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (their trainer_state.json exists), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path | None:
+    """'latest' -> the newest complete checkpoint in output_dir (None if there is none); else the folder."""
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"--resume_from_checkpoint: {spec} is not a complete checkpoint folder")
+    return path
+
+
+def check_free_space(folder: str | os.PathLike, needed: int) -> None:
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed + MIN_FREE_BYTES:
+        raise CheckpointError(
+            f"not enough free disk space in {probe}: {free / 2**20:.0f} MiB free, "
+            f"{(needed + MIN_FREE_BYTES) / 2**20:.0f} MiB needed; the previous checkpoint is kept"
+        )
+
+
+def _estimate_bytes(components: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
+    params = sum(
+        p.numel() * p.element_size() for m in components.values() for p in m.parameters() if p.requires_grad
+    )
+    return params * 4  # adapters + two Adam moments + slack
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    components: dict[str, nn.Module],
+    configs: dict[str, BiLoRAConfig],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    options_yaml: str,
+    total_limit: int | None = None,
+) -> Path:
+    """Write checkpoint-<step> atomically, then rotate old ones down to ``total_limit``."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    check_free_space(root, _estimate_bytes(components, optimizer))
+    final = root / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
+    try:
+        save_bilora_state(tmp / STATE_FILE, components, configs)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / CONFIG_FILE).write_text(options_yaml)
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        if final.exists():  # a checkpoint of the same step (e.g. re-run after resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {final}: {err}; the previous checkpoint is kept") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if total_limit:
+        for old in list_checkpoints(root)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".checkpoint-*.tmp"):  # leftovers of a crashed earlier write
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    components: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore adapters, optimizer, scheduler and RNG; returns the trainer state (step, data position)."""
+    path = Path(path)
+    load_bilora_state(path / STATE_FILE, components)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_compatible(
+    trainer_state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike
+) -> None:
+    """Refuse to resume a checkpoint made with another method, rank or base model; warn on a seed change."""
+    for key in ("method", "rank", "aux_rank", "base_model", "train_text_encoder"):
+        if key in trainer_state and key in expected and trainer_state[key] != expected[key]:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {path}: it was made with {key}={trainer_state[key]!r}, "
+                f"this run has {key}={expected[key]!r}"
+            )
+    if trainer_state.get("seed") != expected.get("seed"):
+        logger.warning(
+            "resuming with seed %s, the checkpoint used %s", expected.get("seed"), trainer_state.get("seed")
+        )

@@ -1,0 +1,317 @@
+"""Options as typed dataclasses, read from a YAML file and the command line (flags override the file).
+
+One source of truth: each trainer's options are one dataclass whose fields carry their help text
+(``field(metadata={"help": ...})``); this module turns it into a command-line parser, checks types and unknown
+keys (with a "did you mean"), and leaves range checks to the dataclass's ``validate()``. Errors raise
+`OptionError`, which the entry points turn into exit code 2 with a one-line message — before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import CLIP_MODES, METHODS, BiLoRAConfig, ConfigError
+
+
+class OptionError(ValueError):
+    """A bad option (unknown, wrong type, out of range). The message names it."""
+
+
+def opt(
+    default: Any = None, help: str = "", *, choices: tuple | None = None, path: bool = False, **kw
+) -> Any:
+    """A dataclass field with its help text. ``path=True`` marks an input path: relative paths written in a
+    YAML file are resolved against the file's folder when they exist there."""
+    metadata = {"help": help, "choices": choices, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, is_list) of an annotation like ``int | None`` or ``list[str]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        return (args[0] if args else str), True
+    return tp, False
+
+
+def _convert(name: str, value: Any, tp: Any) -> Any:
+    base, is_list = _base_type(tp)
+    if value is None:
+        return None
+    if is_list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_convert(name, v, base) for v in items]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise OptionError(f"--{name}: expected true or false, got {value!r}")
+    if isinstance(value, str) and value.lower() in ("none", "null") and base is not str:
+        return None
+    try:
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"--{name}: expected {base.__name__}, got {value!r}") from None
+
+
+def _unknown(name: str, known: list[str], where: str) -> OptionError:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return OptionError(f"unknown option '{name}' {where}{hint}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def read_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
+    """Options from a YAML file (safe_load): unknown keys are errors; relative input paths are resolved
+    against the file's folder when they exist there (so presets work from any working directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise OptionError(f"--config {path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise OptionError(f"--config {path}: expected a mapping of option: value")
+    types_ = _field_types(cls)
+    by_name = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key not in types_:
+            raise _unknown(key, list(types_), f"in {path}")
+        if by_name[key].metadata.get("path") and isinstance(value, str) and not os.path.isabs(value):
+            candidate = (path.parent / value).resolve()
+            if candidate.exists() and not Path(value).exists():
+                value = str(candidate)
+        out[key] = _convert(key, value, types_[key])
+    return out
+
+
+def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
+    """``--name value`` / ``--name=value`` / bare ``--flag`` (booleans) / ``--name v1 v2`` (lists)."""
+    types_ = _field_types(cls)
+    config_path, values, i = None, {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise OptionError(f"unexpected argument {token!r} (options are written --name value)")
+        name, eq, inline = token[2:].partition("=")
+        name = name.replace("-", "_")
+        i += 1
+        args = [inline] if eq else []
+        while not eq and i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2):
+            args.append(argv[i])
+            i += 1
+        if name == "config":
+            if len(args) != 1:
+                raise OptionError("--config takes one YAML file")
+            config_path = args[0]
+            continue
+        if name not in types_:
+            raise _unknown(name, list(types_) + ["config"], "on the command line")
+        base, is_list = _base_type(types_[name])
+        if base is bool and not args:
+            args = ["true"]
+        if not args:
+            raise OptionError(f"--{name}: missing value")
+        if not is_list and len(args) > 1:
+            raise OptionError(f"--{name}: expected one value, got {len(args)}: {args}")
+        values[name] = _convert(name, args if is_list else args[0], types_[name])
+    return config_path, values
+
+
+def parse_options(cls: type, argv: list[str] | None = None) -> Any:
+    """Build ``cls`` from ``--config FILE.yaml`` and the flags (flags win), then ``validate()`` it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(format_help(cls))
+        raise SystemExit(0)
+    config_path, cli_values = parse_cli(argv, cls)
+    values = read_yaml(config_path, cls) if config_path else {}
+    values.update(cli_values)
+    for f in fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
+            raise OptionError(
+                f"--{f.name}: must be one of {', '.join(map(str, choices))}, got {values[f.name]!r}"
+            )
+    options = cls(**values)
+    try:
+        options.validate()
+    except ConfigError as err:
+        raise OptionError(str(err)) from None
+    return options
+
+
+def format_help(cls: type) -> str:
+    lines = [f"options ({cls.__name__}); also --config FILE.yaml with the same keys (flags override it):"]
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        choices = f.metadata.get("choices")
+        extra = f" {{{','.join(map(str, choices))}}}" if choices else ""
+        lines.append(f"  --{f.name}{extra} (default: {default!r})\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_yaml(options: Any) -> str:
+    """The resolved options as YAML (saved with every checkpoint and output)."""
+    return yaml.safe_dump(asdict(options), sort_keys=False)
+
+
+def run_cli(main, cls: type, argv: list[str] | None = None, user_errors: tuple[type, ...] = ()) -> Any:
+    """Parse options and run ``main(options)``. A bad option (or one of ``user_errors``: bad data, an
+    incompatible checkpoint) exits with code 2 and one line naming the problem."""
+    try:
+        return main(parse_options(cls, argv))
+    except (OptionError, *user_errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# -- options shared by the SDXL and LLM trainers ------------------------------------------------------------
+@dataclass
+class TrainOptions:
+    """Training options common to every trainer (diffusers' flag names where diffusers has them)."""
+
+    output_dir: str = opt("bilora-output", "Where checkpoints, the exported LoRA, samples and logs go.")
+    seed: int = opt(
+        0, "Seed of everything random (data order, noise, timesteps, init); same seed = same run."
+    )
+    method: str = opt("bilora", "Training method.", choices=METHODS)
+    rank: int = opt(4, "Rank of the primary LoRA (the one exported).")
+    lora_alpha: float | None = opt(
+        None, "LoRA alpha of the primary branch (scale = alpha/rank); None = rank."
+    )
+    aux_rank: int | None = opt(None, "Rank of the auxiliary (ascent) branch; None = rank; 0 = none.")
+    aux_alpha: float | None = opt(None, "LoRA alpha of the auxiliary branch; None = lora_alpha.")
+    rho: float = opt(
+        0.05, "Radius of the auxiliary perturbation (SAM radius for lora-sam, noise for flat-lora)."
+    )
+    aux_lr: float | None = opt(None, "Learning rate of the auxiliary branch; None = learning_rate.")
+    clip: str = opt("global", "How the auxiliary branch is kept inside rho.", choices=CLIP_MODES)
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    init_lora_weights: str = opt("default", "Init of the primary LoRA (PEFT init_lora_weights).")
+    learning_rate: float = opt(1e-4, "Initial learning rate (after warmup) of the primary branch.")
+    scale_lr: bool = opt(False, "Scale the learning rate by batch size x accumulation x processes.")
+    lr_scheduler: str = opt(
+        "constant",
+        "Learning-rate schedule (diffusers.optimization.get_scheduler).",
+        choices=(
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "constant",
+            "constant_with_warmup",
+        ),
+    )
+    lr_warmup_steps: int = opt(0, "Warmup steps of the schedule.")
+    train_batch_size: int = opt(1, "Batch size per process.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    max_train_steps: int | None = opt(None, "Optimizer steps; overrides num_train_epochs.")
+    num_train_epochs: int = opt(1, "Epochs, when max_train_steps is not set.")
+    mixed_precision: str | None = opt(
+        None, "Mixed precision; None = accelerate's setting.", choices=("no", "fp16", "bf16")
+    )
+    allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (pip install bilora-diffusion[bnb]).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay of the primary branch.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(
+        1.0, "Gradient-norm clip, applied to the primary and auxiliary groups separately."
+    )
+    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest deleted).")
+    resume_from_checkpoint: str | None = opt(
+        None, "'latest' or a checkpoint folder to continue from.", path=True
+    )
+    report_to: str = opt("tensorboard", "Tracker for scalars and images ('tensorboard' or 'none').")
+    logging_dir: str = opt("logs", "TensorBoard folder, relative to output_dir.")
+    dataloader_num_workers: int = opt(0, "Worker processes that decode images while caching.")
+    max_nonfinite_steps: int = opt(5, "Stop after this many consecutive steps with a non-finite loss.")
+
+    def bilora_config(self, target_modules: list[str]) -> BiLoRAConfig:
+        """The core config of this run for one set of target modules (aux branch dropped when the method
+        trains none)."""
+        alpha = self.lora_alpha if self.lora_alpha is not None else float(self.rank)
+        config = BiLoRAConfig(
+            rank=self.rank,
+            alpha=alpha,
+            aux_rank=self.aux_rank,
+            aux_alpha=self.aux_alpha,
+            target_modules=list(target_modules),
+            dropout=self.lora_dropout,
+            init=self.init_lora_weights,
+            rho=self.rho,
+            clip=self.clip,
+            aux_lr=self.aux_lr,
+        )
+        return config.for_method(self.method)
+
+    def validate(self) -> None:
+        positive = (
+            "rank",
+            "learning_rate",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise OptionError(f"--{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_train_steps", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise OptionError(f"--{name} must be > 0, got {value!r}")
+        if self.num_train_epochs <= 0:
+            raise OptionError(f"--num_train_epochs must be > 0, got {self.num_train_epochs!r}")
+        if self.lr_warmup_steps < 0 or self.max_grad_norm < 0 or self.dataloader_num_workers < 0:
+            raise OptionError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
+        if not 0.0 <= self.adam_beta1 < 1.0 or not 0.0 <= self.adam_beta2 < 1.0:
+            raise OptionError("--adam_beta1 and --adam_beta2 must be in [0, 1)")
+        if self.max_nonfinite_steps < 1:
+            raise OptionError("--max_nonfinite_steps must be >= 1")
+        if self.method in ("lora-sam", "flat-lora") and self.mixed_precision == "fp16":
+            raise OptionError(
+                f"--method {self.method} runs its passes inside optimizer.step(closure), which torch's fp16 "
+                "GradScaler refuses: use --mixed_precision bf16 or no"
+            )
+        if self.report_to not in ("tensorboard", "none", "all", "wandb"):
+            raise OptionError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
+        try:
+            self.bilora_config(["x"])
+        except ConfigError as err:
+            raise OptionError(str(err)) from None
+
+
+def replace(options: Any, **changes: Any) -> Any:
+    return dataclasses.replace(options, **changes)

@@ -1,0 +1,65 @@
+"""The SDXL denoising loss of one micro-batch: noise, timesteps, target, min-SNR weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, ready for the UNet. Noise and timesteps are drawn before the step so that every pass
+    of a step (lora-sam's two) sees the same ones."""
+
+    latents: torch.Tensor  # [B, 4, h, w], scaled
+    time_ids: torch.Tensor  # [B, 6]
+    captions: list[str]  # after caption dropout ("" = dropped)
+    keys: list[str]  # the samples' files, for messages
+    noise: torch.Tensor  # [B, 4, h, w]
+    timesteps: torch.Tensor  # [B] long
+    prompt_embeds: torch.Tensor | None = None  # cached text embeddings (frozen text encoders)
+    pooled: torch.Tensor | None = None
+
+
+def draw_noise(
+    latents: torch.Tensor, num_timesteps: int, noise_offset: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        noise += noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
+    return noise, timesteps
+
+
+def prediction_target(
+    scheduler: DDPMScheduler, latents, noise, timesteps, prediction_type: str
+) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def denoising_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None,
+    prediction_type: str,
+) -> torch.Tensor:
+    """MSE, optionally with min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma)/SNR for epsilon targets,
+    min(SNR, gamma)/(SNR + 1) for v-prediction (whose loss already carries a factor SNR + 1)."""
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    return (loss.mean(dim=list(range(1, loss.ndim))) * weights.to(loss.device)).mean()

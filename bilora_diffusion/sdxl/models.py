@@ -1,0 +1,85 @@
+"""SDXL components and conditioning, exactly as diffusers' SDXL LoRA training scripts do it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+
+@dataclass
+class SDXLComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: object
+    tokenizer_2: object
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
+    @property
+    def tokenizers(self) -> list[object]:
+        return [self.tokenizer, self.tokenizer_2]
+
+
+def load_components(
+    path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None
+) -> SDXLComponents:
+    """Load the base model's parts from a Hub id or a local diffusers folder (float32; the trainer casts)."""
+    kw = {"revision": revision}
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
+    if vae_path:
+        vae = AutoencoderKL.from_pretrained(vae_path, **kw)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+    return SDXLComponents(
+        unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", variant=variant, **kw
+        ),
+        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **kw),
+        tokenizer_2=AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False, **kw),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+    )
+
+
+def tokenize(tokenizers: list[object], captions: list[str]) -> list[torch.Tensor]:
+    return [
+        tok(
+            captions,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        for tok in tokenizers
+    ]
+
+
+def encode_prompt(
+    text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: the penultimate hidden states of both encoders concatenated on the feature
+    axis ([B, 77, 768 + 1280] on SDXL), and the pooled projection of encoder 2 ([B, 1280])."""
+    embeds = []
+    pooled = None
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids.to(encoder.device), output_hidden_states=True, return_dict=True)
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (the last encoder's value is kept)
+        embeds.append(out.hidden_states[-2])
+    return torch.cat(embeds, dim=-1), pooled
+
+
+def time_ids(
+    original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+) -> list[int]:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), as (h, w) pairs."""
+    return [*original_size, *crop_top_left, *target_size]

@@ -1,0 +1,509 @@
+"""The SDXL trainer: setup, loop, save — one recipe class, read top to bottom.
+
+Every method runs through the same ``MethodStep`` (bilora: one forward/backward per step); the auxiliary
+branch is disabled for validation, samples and export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from ..adapters import attach_bilora, aux_disabled, unwrap
+from ..checkpoint import (
+    CONFIG_FILE,
+    TRAINER_STATE,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from ..config import BiLoRAConfig
+from ..data import DataError, assign_bucket, epoch_batches, load_records
+from ..options import OptionError, to_yaml
+from ..state import STATE_FILE, save_bilora_state
+from ..training import (
+    MethodStep,
+    NonFiniteGuard,
+    NonFiniteLoss,
+    Progress,
+    cast_trainable_to_fp32,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    steps_per_epoch,
+    weight_dtype,
+)
+from .cache import LatentCache, TextEmbeddingCache, model_identity, plan_geometry
+from .loss import MicroBatch, denoising_loss, draw_noise, prediction_target
+from .models import encode_prompt, load_components, tokenize
+from .options import SDXLOptions
+from .sampling import save_before_after, save_validation_grid
+
+logger = logging.getLogger(__name__)
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+@dataclass
+class RunResult:
+    """What a run did (tests and benchmarks read it)."""
+
+    output_dir: Path
+    losses: list[float]
+    val_losses: list[tuple[int, float]]
+    global_step: int
+    skipped_steps: int
+
+
+class SDXLTrainer:
+    def __init__(self, options: SDXLOptions):
+        self.opt = options
+        self.accelerator = make_accelerator(options)
+        self.output_dir = Path(options.output_dir)
+        set_seed(options.seed)
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        o = self.opt
+        report = load_records(
+            o.dataset,
+            dataset_name=o.dataset_name,
+            dataset_config_name=o.dataset_config_name,
+            train_data_dir=o.train_data_dir,
+            image_column=o.image_column,
+            caption_column=o.caption_column,
+            caption_extension=o.caption_extension,
+            instance_prompt=o.instance_prompt,
+            cache_dir=o.cache_dir,
+            min_size=math.ceil(o.resolution / o.max_upscale) if not o.bucketing else 0,
+            on_bad_image=o.on_bad_image,
+        )
+        records = self.drop_unbucketable(report.records)
+        order = list(range(len(records)))
+        random.Random(o.seed).shuffle(order)
+        n_val = math.ceil(len(records) * o.validation_split) if o.validation_split else 0
+        if n_val >= len(records):
+            raise OptionError(f"--validation_split {o.validation_split} leaves no training image")
+        val_ids = sorted(order[:n_val])
+        train_ids = [i for i in range(len(records)) if i not in set(val_ids)]
+        self.records = [records[i] for i in train_ids]
+        self.val_records = [records[i] for i in val_ids]
+        self.buckets = [
+            p.bucket for p in plan_geometry(self.records, o.resolution, o.bucketing, o.max_upscale)
+        ]
+
+    def drop_unbucketable(self, records: list) -> list:
+        """Images that reach no bucket within --max_upscale are bad input like any other: skipped with a
+        warning (or the run stops under --on_bad_image error) before any model loads."""
+        o = self.opt
+        kept, small = [], []
+        for record in records:
+            fits = assign_bucket(record.size, o.resolution, o.bucketing, o.max_upscale) is not None
+            (kept if fits else small).append(record)
+        if small:
+            names = ", ".join(f"{r.key} ({r.size[0]}x{r.size[1]})" for r in small[:5])
+            message = (
+                f"{len(small)} image(s) too small for --resolution {o.resolution} with --max_upscale "
+                f"{o.max_upscale}: {names}"
+            )
+            if o.on_bad_image == "error":
+                raise DataError(message)
+            if self.accelerator.is_main_process:
+                logger.warning("skipped %s", message)
+        if not kept:
+            raise DataError(f"no usable image left in the dataset: {message}")
+        return kept
+
+    def setup_models(self) -> None:
+        o, acc = self.opt, self.accelerator
+        c = load_components(
+            o.pretrained_model_name_or_path, o.pretrained_vae_model_name_or_path, o.revision, o.variant
+        )
+        self.c = c
+        self.dtype = weight_dtype(acc)
+        self.prediction_type = o.prediction_type or c.noise_scheduler.config.prediction_type
+        c.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        for model in (c.unet, c.vae, *c.text_encoders):
+            model.requires_grad_(False)
+        # The VAE stays in float32 unless a fixed VAE is given: SDXL's fp16 VAE overflows to NaN.
+        vae_dtype = self.dtype if o.pretrained_vae_model_name_or_path else torch.float32
+        c.vae.to(acc.device, dtype=vae_dtype)
+        c.unet.to(acc.device, dtype=self.dtype)
+        for te in c.text_encoders:
+            te.to(acc.device, dtype=self.dtype)
+        self.configs: dict[str, BiLoRAConfig] = {"unet": o.bilora_config(o.target_modules)}
+        attach_bilora(c.unet, self.configs["unet"])
+        self.trained = {"unet": c.unet}
+        if o.train_text_encoder:
+            for name, te in (("text_encoder", c.text_encoder), ("text_encoder_2", c.text_encoder_2)):
+                self.configs[name] = o.bilora_config(o.text_encoder_target_modules)
+                attach_bilora(te, self.configs[name])
+                self.trained[name] = te
+        cast_trainable_to_fp32(*self.trained.values())
+        if o.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+            if o.train_text_encoder:
+                for te in c.text_encoders:
+                    te.gradient_checkpointing_enable()
+        if o.enable_xformers_memory_efficient_attention:
+            from diffusers.utils.import_utils import is_xformers_available
+
+            if not is_xformers_available():
+                raise OptionError(
+                    "--enable_xformers_memory_efficient_attention: xformers is not installed "
+                    "(pip install 'bilora-diffusion[xformers]'); PyTorch SDPA is used by default"
+                )
+            c.unet.enable_xformers_memory_efficient_attention()
+        if o.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def setup_caches(self) -> None:
+        o, acc, c = self.opt, self.accelerator, self.c
+        self.f = f = 2 ** (len(c.vae.config.block_out_channels) - 1)  # VAE downsampling: 8 on SDXL
+        self.plans = plan_geometry(self.records, o.resolution, o.bucketing, o.max_upscale, f)
+        self.val_plans = plan_geometry(self.val_records, o.resolution, o.bucketing, o.max_upscale, f)
+        vae_id = model_identity(
+            o.pretrained_vae_model_name_or_path or o.pretrained_model_name_or_path, dict(c.vae.config)
+        )
+        self.latents = LatentCache(vae_id, o.cache_dir)
+        self.val_latents = LatentCache(vae_id, o.cache_dir)
+        with acc.main_process_first():  # with --cache_dir, the main process writes and the others read
+            bar_off = not acc.is_local_main_process
+            self.latents.build(
+                self.records,
+                self.plans,
+                o.random_flip,
+                c.vae,
+                acc.device,
+                c.vae.dtype,
+                o.dataloader_num_workers,
+                bar_off,
+            )
+            self.val_latents.build(
+                self.val_records, self.val_plans, False, c.vae, acc.device, c.vae.dtype, 0, True
+            )
+            self.text_cache = None
+            if not o.train_text_encoder:
+                te_id = model_identity(
+                    o.pretrained_model_name_or_path, {"revision": o.revision, "variant": o.variant}
+                )
+                self.text_cache = TextEmbeddingCache(te_id, o.cache_dir)
+                captions = [r.caption for r in self.records + self.val_records]
+                self.text_cache.build(captions, c.tokenizers, c.text_encoders)
+        # Latents live in the cache from now on; the VAE is only needed for samples.
+        if acc.device.type == "cuda":
+            c.vae.to("cpu")
+            torch.cuda.empty_cache()
+
+    def setup_training(self) -> None:
+        o, acc = self.opt, self.accelerator
+        first = epoch_batches(self.buckets, o.train_batch_size, o.seed, 0)
+        self.steps_per_epoch = steps_per_epoch(len(first), self.world, o.gradient_accumulation_steps)
+        self.total_steps = o.max_train_steps or o.num_train_epochs * self.steps_per_epoch
+        te_lr = o.text_encoder_lr or o.learning_rate
+        model_lrs = [(m, o.learning_rate if n == "unet" else te_lr) for n, m in self.trained.items()]
+        self.optimizer = make_optimizer(o, model_lrs, self.configs["unet"], self.total_steps, self.world)
+        self.scheduler = make_scheduler(o, self.optimizer, self.total_steps)
+        prepared = acc.prepare(*self.trained.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.models = dict(zip(self.trained, prepared))
+        self.step_fn = MethodStep(acc, self.optimizer, list(self.models.values()))
+        self.global_step = 0
+        if o.resume_from_checkpoint:
+            self.resume(o.resume_from_checkpoint)
+        if acc.is_main_process:
+            acc.init_trackers("bilora-sdxl", config={k: str(v) for k, v in vars(o).items()})
+
+    def run_identity(self) -> dict:
+        o = self.opt
+        return {
+            "method": o.method,
+            "rank": o.rank,
+            "aux_rank": self.configs["unet"].aux_rank,
+            "base_model": o.pretrained_model_name_or_path,
+            "train_text_encoder": o.train_text_encoder,
+            "seed": o.seed,
+        }
+
+    def resume(self, spec: str) -> None:
+        path = resolve_checkpoint(spec, self.output_dir)
+        if path is None:
+            logger.warning(
+                "--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", self.output_dir
+            )
+            return
+        state = load_checkpoint(path, self.trained, self.optimizer, self.scheduler)
+        check_compatible(state, self.run_identity(), path)
+        self.global_step = int(state["step"])
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    # -- batches --------------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This process's micro-batches for optimizer step ``step`` (deterministic from seed and step)."""
+        o = self.opt
+        epoch, position = divmod(step, self.steps_per_epoch)
+        batches = epoch_batches(self.buckets, o.train_batch_size, o.seed, epoch)
+        per_step = self.world * o.gradient_accumulation_steps
+        needed = self.steps_per_epoch * per_step
+        batches = (batches * math.ceil(needed / len(batches)))[:needed]  # wrap so every rank has a batch
+        out = []
+        for micro in range(o.gradient_accumulation_steps):
+            indices = batches[position * per_step + micro * self.world + self.rank]
+            out.append(self.make_batch(indices, epoch, step, micro))
+        return out
+
+    def make_batch(self, indices: list[int], epoch: int, step: int, micro: int) -> MicroBatch:
+        o = self.opt
+        latents, time_ids, captions = [], [], []
+        for i in indices:
+            g = _seeded(o.seed, epoch, i)  # crop, flip and caption dropout: per sample, per step
+            flip = o.random_flip and bool(torch.rand((), generator=g) < 0.5)
+            drop = o.caption_dropout > 0 and bool(torch.rand((), generator=g) < o.caption_dropout)
+            plan = self.plans[i]
+            latent = self.latents.get(i, flip)
+            bw, bh = plan.bucket[0] // self.f, plan.bucket[1] // self.f
+            room_y, room_x = latent.shape[1] - bh, latent.shape[2] - bw
+            if o.center_crop:
+                top, left = room_y // 2, room_x // 2
+            else:
+                top = int(torch.randint(0, room_y + 1, (), generator=g))
+                left = int(torch.randint(0, room_x + 1, (), generator=g))
+            latents.append(latent[:, top : top + bh, left : left + bw])
+            w, h = plan.original
+            time_ids.append([h, w, top * self.f, left * self.f, plan.bucket[1], plan.bucket[0]])
+            captions.append("" if drop else self.records[i].caption)
+        stacked = torch.stack(latents)
+        noise, timesteps = draw_noise(
+            stacked,
+            self.c.noise_scheduler.config.num_train_timesteps,
+            o.noise_offset,
+            _seeded(o.seed, 7, step, micro, self.rank),
+        )
+        mb = MicroBatch(
+            stacked,
+            torch.tensor(time_ids),
+            captions,
+            [self.records[i].key for i in indices],
+            noise,
+            timesteps,
+        )
+        if self.text_cache is not None:
+            present = [c for c in captions if c] or [self.records[indices[0]].caption]
+            embeds, pooled = self.text_cache.get([c or present[0] for c in captions])
+            keep = torch.tensor([bool(c) for c in captions], dtype=embeds.dtype)
+            # Dropped captions become zero embeddings: what the SDXL pipeline feeds as the unconditional
+            # input (force_zeros_for_empty_prompt), so classifier-free guidance matches training.
+            mb.prompt_embeds = embeds * keep[:, None, None]
+            mb.pooled = pooled * keep[:, None]
+        return mb
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def loss(self, mb: MicroBatch) -> torch.Tensor:
+        acc, c = self.accelerator, self.c
+        device = acc.device
+        latents, noise = mb.latents.to(device), mb.noise.to(device)
+        timesteps = mb.timesteps.to(device)
+        noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+        if mb.prompt_embeds is not None:
+            embeds, pooled = mb.prompt_embeds.to(device), mb.pooled.to(device)
+        else:
+            encoders = [
+                self.models.get("text_encoder", c.text_encoder),
+                self.models.get("text_encoder_2", c.text_encoder_2),
+            ]
+            with acc.autocast():
+                embeds, pooled = encode_prompt(encoders, tokenize(c.tokenizers, mb.captions))
+            keep = torch.tensor([bool(t) for t in mb.captions], device=device, dtype=embeds.dtype)
+            embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
+        unet = self.models["unet"]
+        with acc.autocast():
+            pred = unet(
+                noisy.to(self.dtype),
+                timesteps,
+                embeds.to(self.dtype),
+                added_cond_kwargs={
+                    "text_embeds": pooled.to(self.dtype),
+                    "time_ids": mb.time_ids.to(device, self.dtype),
+                },
+            ).sample
+        target = prediction_target(c.noise_scheduler, latents, noise, timesteps, self.prediction_type)
+        return denoising_loss(
+            pred, target, c.noise_scheduler, timesteps, self.opt.snr_gamma, self.prediction_type
+        )
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """Held-out loss at fixed noise and timesteps, center crops, full captions; auxiliary branch off."""
+        if not self.val_records:
+            return None
+        total = 0.0
+        with aux_disabled(list(self.trained.values())):
+            for i, record in enumerate(self.val_records):
+                plan = self.val_plans[i]
+                latent = self.val_latents.get(i, False)
+                bw, bh = plan.bucket[0] // self.f, plan.bucket[1] // self.f
+                top, left = (latent.shape[1] - bh) // 2, (latent.shape[2] - bw) // 2
+                lat = latent[None, :, top : top + bh, left : left + bw]
+                noise, t = draw_noise(
+                    lat, self.c.noise_scheduler.config.num_train_timesteps, 0.0, _seeded(1234, i)
+                )
+                w, h = plan.original
+                ids = torch.tensor([[h, w, top * self.f, left * self.f, plan.bucket[1], plan.bucket[0]]])
+                mb = MicroBatch(lat, ids, [record.caption], [record.key], noise, t)
+                if self.text_cache is not None:
+                    mb.prompt_embeds, mb.pooled = self.text_cache.get([record.caption])
+                total += float(self.loss(mb))
+        return total / len(self.val_records)
+
+    # -- loop -----------------------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        o, acc = self.opt, self.accelerator
+        guard = NonFiniteGuard(o.max_nonfinite_steps)
+        progress = Progress(acc, self.total_steps, self.global_step)
+        losses, val_losses, skipped = [], [], 0
+        if self.global_step == 0:
+            self.sample(0)
+        while self.global_step < self.total_steps:
+            step = self.global_step
+            micro = self.micro_batches(step)
+            try:
+                loss = self.step_fn(self.loss, micro, lambda mb: mb.keys)
+                guard.ok()
+            except NonFiniteLoss as err:
+                skipped += 1
+                guard.failed(err, step)
+                loss = torch.tensor(float("nan"))
+            else:
+                self.scheduler.step()
+            self.global_step += 1
+            losses.append(float(acc.reduce(loss.to(acc.device), "mean")) if self.world > 1 else float(loss))
+            progress.update(self.global_step, losses[-1], self.optimizer, self.scheduler)
+            if self.global_step % o.checkpointing_steps == 0 and self.global_step < self.total_steps:
+                self.checkpoint()
+            if self.global_step % o.validation_steps == 0 or self.global_step == self.total_steps:
+                val = self.validation_loss()
+                if val is not None:
+                    val_losses.append((self.global_step, val))
+                    acc.log({"val_loss": val}, step=self.global_step)
+                if self.global_step < self.total_steps:
+                    self.sample(self.global_step)
+        progress.close()
+        self.finish()
+        return RunResult(self.output_dir, losses, val_losses, self.global_step, skipped)
+
+    # -- saving ---------------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            trainer_state = {**self.run_identity(), "epoch": self.global_step // self.steps_per_epoch}
+            try:
+                save_checkpoint(
+                    self.output_dir,
+                    self.global_step,
+                    self.trained,
+                    self.configs,
+                    self.optimizer,
+                    self.scheduler,
+                    trainer_state,
+                    to_yaml(self.opt),
+                    self.opt.checkpoints_total_limit,
+                )
+            except CheckpointError as err:
+                logger.error("%s", err)
+        acc.wait_for_everyone()
+
+    def sample(self, step: int) -> None:
+        o, acc = self.opt, self.accelerator
+        if o.validation_prompt and acc.is_main_process:
+            with aux_disabled(list(self.trained.values())):
+                save_validation_grid(self, step)
+        acc.wait_for_everyone()
+
+    def finish(self) -> None:
+        o, acc = self.opt, self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_bilora_state(
+                self.output_dir / STATE_FILE, self.trained, self.configs, {"step": str(self.global_step)}
+            )
+            (self.output_dir / CONFIG_FILE).write_text(to_yaml(o))
+            self.export()
+            if o.validation_prompt:
+                with aux_disabled(list(self.trained.values())):
+                    save_validation_grid(self, self.global_step)
+                    if o.compare_grid:
+                        save_before_after(self)
+        acc.end_training()
+
+    def export(self) -> None:
+        from ..export import export_lora
+
+        o = self.opt
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[o.save_dtype]
+        metadata = {
+            "bilora_method": o.method,
+            "bilora_rho": str(o.rho),
+            "bilora_aux_rank": str(self.configs["unet"].aux_rank),
+            "ss_base_model": str(o.pretrained_model_name_or_path),
+            "ss_steps": str(self.global_step),
+            "ss_dataset": str(o.dataset or o.dataset_name or o.train_data_dir),
+        }
+        components = {name: unwrap(m) for name, m in self.trained.items()}
+        export_lora(
+            self.output_dir,
+            components,
+            self.configs,
+            format=o.export_format,
+            save_dtype=dtype,
+            metadata=metadata,
+            output_name=o.output_name,
+        )
+
+
+def preflight_resume(options: SDXLOptions) -> None:
+    """A checkpoint made with another method, rank or base model is refused before any model loads."""
+    if not options.resume_from_checkpoint:
+        return
+    try:
+        path = resolve_checkpoint(options.resume_from_checkpoint, options.output_dir)
+        if path is not None:
+            state = json.loads((path / TRAINER_STATE).read_text())
+            expected = {
+                "method": options.method,
+                "rank": options.rank,
+                "aux_rank": options.bilora_config(options.target_modules).aux_rank,
+                "base_model": options.pretrained_model_name_or_path,
+                "train_text_encoder": options.train_text_encoder,
+                "seed": options.seed,
+            }
+            check_compatible(state, expected, path)
+    except CheckpointError as err:
+        raise OptionError(str(err)) from None
+
+
+def train(options: SDXLOptions) -> RunResult:
+    """Run a whole training: data scan and options first (nothing loads if they are bad), then models."""
+    preflight_resume(options)
+    trainer = SDXLTrainer(options)
+    trainer.setup_data()
+    trainer.setup_models()
+    trainer.setup_caches()
+    trainer.setup_training()
+    return trainer.train()
