@@ -257,6 +257,7 @@ class TrainOptions:
     report_to: str = opt("tensorboard", "Tracker for scalars and images ('tensorboard' or 'none').")
     logging_dir: str = opt("logs", "TensorBoard folder, relative to output_dir.")
     dataloader_num_workers: int = opt(0, "Worker processes that decode images while caching.")
+    validation_steps: int = opt(100, "Validate (held-out loss, samples) every N optimizer steps.")
     max_nonfinite_steps: int = opt(5, "Stop after this many consecutive steps with a non-finite loss.")
 
     def bilora_config(self, target_modules: list[str]) -> BiLoRAConfig:

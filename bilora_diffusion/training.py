@@ -4,21 +4,34 @@ micro-batches, non-finite handling, progress and logging. The SDXL and LLM loops
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import unwrap
+from .checkpoint import (
+    CONFIG_FILE,
+    TRAINER_STATE,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import BiLoRAConfig
 from .methods import BiLoRAOptimizer, build_optimizer
-from .options import OptionError, TrainOptions
+from .options import OptionError, TrainOptions, to_yaml
+from .state import STATE_FILE, save_bilora_state
 
 logger = logging.getLogger(__name__)
 
@@ -209,3 +222,182 @@ class Progress:
 
 def steps_per_epoch(num_batches: int, world_size: int, accumulation: int) -> int:
     return max(1, math.ceil(num_batches / (world_size * accumulation)))
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from integers (seed, epoch, step, ...): randomness that a resume reproduces
+    without restoring any generator state."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+@dataclass
+class RunResult:
+    """What a run did (tests and benchmarks read it)."""
+
+    output_dir: Path
+    losses: list[float]
+    val_losses: list[tuple[int, float]]
+    global_step: int
+    skipped_steps: int
+
+
+def preflight_resume(options: TrainOptions, identity: dict) -> None:
+    """A checkpoint made with another method, rank or base model is refused before any model loads."""
+    if not options.resume_from_checkpoint:
+        return
+    try:
+        path = resolve_checkpoint(options.resume_from_checkpoint, options.output_dir)
+        if path is not None:
+            check_compatible(json.loads((path / TRAINER_STATE).read_text()), identity, path)
+    except CheckpointError as err:
+        raise OptionError(str(err)) from None
+
+
+class Trainer:
+    """The loop every trainer shares: method steps, non-finite guard, progress, checkpoints, resume, outputs.
+
+    A subclass loads its data and models, fills ``self.trained`` ({name: attached model}) and ``self.configs``,
+    calls `setup_optimization`, and provides `micro_batches`, `loss`, `batch_keys`, `validation_loss`,
+    `sample` and `save_outputs`; ``identity(options)`` says what a checkpoint must match to be resumed.
+    """
+
+    project = "bilora"
+
+    def __init__(self, options: TrainOptions):
+        self.opt = options
+        self.accelerator = make_accelerator(options)
+        self.output_dir = Path(options.output_dir)
+        set_seed(options.seed)
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.trained: dict[str, nn.Module] = {}
+        self.configs: dict[str, BiLoRAConfig] = {}
+        self.global_step = 0
+
+    @staticmethod
+    def identity(options: TrainOptions) -> dict:
+        raise NotImplementedError
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list:
+        raise NotImplementedError
+
+    def loss(self, micro_batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_keys(self, micro_batch) -> list[str]:
+        return []
+
+    def validation_loss(self) -> float | None:
+        return None
+
+    def sample(self, step: int) -> None:
+        """Validation samples (SDXL); nothing by default."""
+
+    def save_outputs(self) -> None:
+        """What users take away (exported LoRA / PEFT adapter); called on the main process at the end."""
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup_optimization(self, model_lrs: list[tuple[str, float]], steps_in_epoch: int) -> None:
+        """Optimizer and schedule over the trained models, accelerate's wrapping (DDP), then the resume."""
+        o, acc = self.opt, self.accelerator
+        self.steps_per_epoch = steps_in_epoch
+        self.total_steps = o.max_train_steps or o.num_train_epochs * steps_in_epoch
+        first = next(iter(self.configs.values()))
+        pairs = [(self.trained[name], lr) for name, lr in model_lrs]
+        self.optimizer = make_optimizer(o, pairs, first, self.total_steps, self.world)
+        self.scheduler = make_scheduler(o, self.optimizer, self.total_steps)
+        prepared = acc.prepare(*self.trained.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.models = dict(zip(self.trained, prepared))
+        self.step_fn = MethodStep(acc, self.optimizer, list(self.models.values()))
+        if o.resume_from_checkpoint:
+            self.resume(o.resume_from_checkpoint)
+        if acc.is_main_process:
+            acc.init_trackers(self.project, config={k: str(v) for k, v in vars(o).items()})
+
+    def resume(self, spec: str) -> None:
+        path = resolve_checkpoint(spec, self.output_dir)
+        if path is None:
+            logger.warning(
+                "--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", self.output_dir
+            )
+            return
+        state = load_checkpoint(path, self.trained, self.optimizer, self.scheduler)
+        check_compatible(state, self.identity(self.opt), path)
+        self.global_step = int(state["step"])
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    # -- loop -----------------------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        o, acc = self.opt, self.accelerator
+        guard = NonFiniteGuard(o.max_nonfinite_steps)
+        progress = Progress(acc, self.total_steps, self.global_step)
+        losses, val_losses, skipped = [], [], 0
+        if self.global_step == 0:
+            self.sample(0)
+        while self.global_step < self.total_steps:
+            step = self.global_step
+            try:
+                loss = self.step_fn(self.loss, self.micro_batches(step), self.batch_keys)
+                guard.ok()
+            except NonFiniteLoss as err:
+                skipped += 1
+                guard.failed(err, step)
+                loss = torch.tensor(float("nan"))
+            else:
+                self.scheduler.step()
+            self.global_step += 1
+            losses.append(float(acc.reduce(loss.to(acc.device), "mean")) if self.world > 1 else float(loss))
+            progress.update(self.global_step, losses[-1], self.optimizer, self.scheduler)
+            if self.global_step % o.checkpointing_steps == 0 and self.global_step < self.total_steps:
+                self.checkpoint()
+            if self.global_step % o.validation_steps == 0 or self.global_step == self.total_steps:
+                val = self.validation_loss()
+                if val is not None:
+                    val_losses.append((self.global_step, val))
+                    acc.log({"val_loss": val}, step=self.global_step)
+                if self.global_step < self.total_steps:
+                    self.sample(self.global_step)
+        progress.close()
+        self.finish()
+        return RunResult(self.output_dir, losses, val_losses, self.global_step, skipped)
+
+    # -- saving ---------------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            trainer_state = {**self.identity(self.opt), "epoch": self.global_step // self.steps_per_epoch}
+            try:
+                save_checkpoint(
+                    self.output_dir,
+                    self.global_step,
+                    self.trained,
+                    self.configs,
+                    self.optimizer,
+                    self.scheduler,
+                    trainer_state,
+                    to_yaml(self.opt),
+                    self.opt.checkpoints_total_limit,
+                )
+            except CheckpointError as err:
+                logger.error("%s", err)
+        acc.wait_for_everyone()
+
+    def finish(self) -> None:
+        """The full Bi-LoRA state, the resolved options, then the subclass's outputs (main process only)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            components = {name: unwrap(m) for name, m in self.trained.items()}
+            save_bilora_state(
+                self.output_dir / STATE_FILE, components, self.configs, {"step": str(self.global_step)}
+            )
+            (self.output_dir / CONFIG_FILE).write_text(to_yaml(self.opt))
+            self.save_outputs()
+        acc.wait_for_everyone()
+        acc.end_training()

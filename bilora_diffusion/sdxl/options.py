@@ -59,7 +59,6 @@ class SDXLOptions(TrainOptions):
     )
     validation_prompt: list[str] = opt([], "Prompt(s) sampled at step 0 and every validation_steps.")
     num_validation_images: int = opt(4, "Images per validation prompt (fixed seeds).")
-    validation_steps: int = opt(100, "Sample every N optimizer steps.")
     validation_inference_steps: int = opt(25, "Denoising steps of the validation samples.")
     validation_guidance_scale: float = opt(5.0, "Guidance scale of the validation samples.")
     train_text_encoder: bool = opt(False, "Also train LoRA on both text encoders' attention projections.")

@@ -6,39 +6,21 @@ branch is disabled for validation, samples and export.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from ..adapters import attach_bilora, aux_disabled, unwrap
-from ..checkpoint import (
-    CONFIG_FILE,
-    TRAINER_STATE,
-    CheckpointError,
-    check_compatible,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from ..config import BiLoRAConfig
 from ..data import DataError, assign_bucket, epoch_batches, load_records
-from ..options import OptionError, to_yaml
-from ..state import STATE_FILE, save_bilora_state
+from ..options import OptionError
 from ..training import (
-    MethodStep,
-    NonFiniteGuard,
-    NonFiniteLoss,
-    Progress,
+    RunResult,
+    Trainer,
     cast_trainable_to_fp32,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
+    preflight_resume,
+    seeded,
     steps_per_epoch,
     weight_dtype,
 )
@@ -51,32 +33,19 @@ from .sampling import save_before_after, save_validation_grid
 logger = logging.getLogger(__name__)
 
 
-def _seeded(*parts: int) -> torch.Generator:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
-    return torch.Generator().manual_seed(value)
+class SDXLTrainer(Trainer):
+    project = "bilora-sdxl"
 
-
-@dataclass
-class RunResult:
-    """What a run did (tests and benchmarks read it)."""
-
-    output_dir: Path
-    losses: list[float]
-    val_losses: list[tuple[int, float]]
-    global_step: int
-    skipped_steps: int
-
-
-class SDXLTrainer:
-    def __init__(self, options: SDXLOptions):
-        self.opt = options
-        self.accelerator = make_accelerator(options)
-        self.output_dir = Path(options.output_dir)
-        set_seed(options.seed)
-        self.world = self.accelerator.num_processes
-        self.rank = self.accelerator.process_index
+    @staticmethod
+    def identity(options: SDXLOptions) -> dict:
+        return {
+            "method": options.method,
+            "rank": options.rank,
+            "aux_rank": options.bilora_config(options.target_modules).aux_rank,
+            "base_model": options.pretrained_model_name_or_path,
+            "train_text_encoder": options.train_text_encoder,
+            "seed": options.seed,
+        }
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup_data(self) -> None:
@@ -147,7 +116,7 @@ class SDXLTrainer:
         c.unet.to(acc.device, dtype=self.dtype)
         for te in c.text_encoders:
             te.to(acc.device, dtype=self.dtype)
-        self.configs: dict[str, BiLoRAConfig] = {"unet": o.bilora_config(o.target_modules)}
+        self.configs = {"unet": o.bilora_config(o.target_modules)}
         attach_bilora(c.unet, self.configs["unet"])
         self.trained = {"unet": c.unet}
         if o.train_text_encoder:
@@ -212,46 +181,13 @@ class SDXLTrainer:
             torch.cuda.empty_cache()
 
     def setup_training(self) -> None:
-        o, acc = self.opt, self.accelerator
-        first = epoch_batches(self.buckets, o.train_batch_size, o.seed, 0)
-        self.steps_per_epoch = steps_per_epoch(len(first), self.world, o.gradient_accumulation_steps)
-        self.total_steps = o.max_train_steps or o.num_train_epochs * self.steps_per_epoch
-        te_lr = o.text_encoder_lr or o.learning_rate
-        model_lrs = [(m, o.learning_rate if n == "unet" else te_lr) for n, m in self.trained.items()]
-        self.optimizer = make_optimizer(o, model_lrs, self.configs["unet"], self.total_steps, self.world)
-        self.scheduler = make_scheduler(o, self.optimizer, self.total_steps)
-        prepared = acc.prepare(*self.trained.values())
-        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-        self.models = dict(zip(self.trained, prepared))
-        self.step_fn = MethodStep(acc, self.optimizer, list(self.models.values()))
-        self.global_step = 0
-        if o.resume_from_checkpoint:
-            self.resume(o.resume_from_checkpoint)
-        if acc.is_main_process:
-            acc.init_trackers("bilora-sdxl", config={k: str(v) for k, v in vars(o).items()})
-
-    def run_identity(self) -> dict:
         o = self.opt
-        return {
-            "method": o.method,
-            "rank": o.rank,
-            "aux_rank": self.configs["unet"].aux_rank,
-            "base_model": o.pretrained_model_name_or_path,
-            "train_text_encoder": o.train_text_encoder,
-            "seed": o.seed,
-        }
-
-    def resume(self, spec: str) -> None:
-        path = resolve_checkpoint(spec, self.output_dir)
-        if path is None:
-            logger.warning(
-                "--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", self.output_dir
-            )
-            return
-        state = load_checkpoint(path, self.trained, self.optimizer, self.scheduler)
-        check_compatible(state, self.run_identity(), path)
-        self.global_step = int(state["step"])
-        logger.info("resumed from %s at step %d", path, self.global_step)
+        first = epoch_batches(self.buckets, o.train_batch_size, o.seed, 0)
+        te_lr = o.text_encoder_lr or o.learning_rate
+        model_lrs = [(n, o.learning_rate if n == "unet" else te_lr) for n in self.trained]
+        self.setup_optimization(
+            model_lrs, steps_per_epoch(len(first), self.world, o.gradient_accumulation_steps)
+        )
 
     # -- batches --------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[MicroBatch]:
@@ -272,7 +208,7 @@ class SDXLTrainer:
         o = self.opt
         latents, time_ids, captions = [], [], []
         for i in indices:
-            g = _seeded(o.seed, epoch, i)  # crop, flip and caption dropout: per sample, per step
+            g = seeded(o.seed, epoch, i)  # crop, flip and caption dropout: per sample, per step
             flip = o.random_flip and bool(torch.rand((), generator=g) < 0.5)
             drop = o.caption_dropout > 0 and bool(torch.rand((), generator=g) < o.caption_dropout)
             plan = self.plans[i]
@@ -293,7 +229,7 @@ class SDXLTrainer:
             stacked,
             self.c.noise_scheduler.config.num_train_timesteps,
             o.noise_offset,
-            _seeded(o.seed, 7, step, micro, self.rank),
+            seeded(o.seed, 7, step, micro, self.rank),
         )
         mb = MicroBatch(
             stacked,
@@ -347,6 +283,9 @@ class SDXLTrainer:
             pred, target, c.noise_scheduler, timesteps, self.opt.snr_gamma, self.prediction_type
         )
 
+    def batch_keys(self, mb: MicroBatch) -> list[str]:
+        return mb.keys
+
     @torch.no_grad()
     def validation_loss(self) -> float | None:
         """Held-out loss at fixed noise and timesteps, center crops, full captions; auxiliary branch off."""
@@ -361,7 +300,7 @@ class SDXLTrainer:
                 top, left = (latent.shape[1] - bh) // 2, (latent.shape[2] - bw) // 2
                 lat = latent[None, :, top : top + bh, left : left + bw]
                 noise, t = draw_noise(
-                    lat, self.c.noise_scheduler.config.num_train_timesteps, 0.0, _seeded(1234, i)
+                    lat, self.c.noise_scheduler.config.num_train_timesteps, 0.0, seeded(1234, i)
                 )
                 w, h = plan.original
                 ids = torch.tensor([[h, w, top * self.f, left * self.f, plan.bucket[1], plan.bucket[0]]])
@@ -371,63 +310,6 @@ class SDXLTrainer:
                 total += float(self.loss(mb))
         return total / len(self.val_records)
 
-    # -- loop -----------------------------------------------------------------------------------------
-    def train(self) -> RunResult:
-        o, acc = self.opt, self.accelerator
-        guard = NonFiniteGuard(o.max_nonfinite_steps)
-        progress = Progress(acc, self.total_steps, self.global_step)
-        losses, val_losses, skipped = [], [], 0
-        if self.global_step == 0:
-            self.sample(0)
-        while self.global_step < self.total_steps:
-            step = self.global_step
-            micro = self.micro_batches(step)
-            try:
-                loss = self.step_fn(self.loss, micro, lambda mb: mb.keys)
-                guard.ok()
-            except NonFiniteLoss as err:
-                skipped += 1
-                guard.failed(err, step)
-                loss = torch.tensor(float("nan"))
-            else:
-                self.scheduler.step()
-            self.global_step += 1
-            losses.append(float(acc.reduce(loss.to(acc.device), "mean")) if self.world > 1 else float(loss))
-            progress.update(self.global_step, losses[-1], self.optimizer, self.scheduler)
-            if self.global_step % o.checkpointing_steps == 0 and self.global_step < self.total_steps:
-                self.checkpoint()
-            if self.global_step % o.validation_steps == 0 or self.global_step == self.total_steps:
-                val = self.validation_loss()
-                if val is not None:
-                    val_losses.append((self.global_step, val))
-                    acc.log({"val_loss": val}, step=self.global_step)
-                if self.global_step < self.total_steps:
-                    self.sample(self.global_step)
-        progress.close()
-        self.finish()
-        return RunResult(self.output_dir, losses, val_losses, self.global_step, skipped)
-
-    # -- saving ---------------------------------------------------------------------------------------
-    def checkpoint(self) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            trainer_state = {**self.run_identity(), "epoch": self.global_step // self.steps_per_epoch}
-            try:
-                save_checkpoint(
-                    self.output_dir,
-                    self.global_step,
-                    self.trained,
-                    self.configs,
-                    self.optimizer,
-                    self.scheduler,
-                    trainer_state,
-                    to_yaml(self.opt),
-                    self.opt.checkpoints_total_limit,
-                )
-            except CheckpointError as err:
-                logger.error("%s", err)
-        acc.wait_for_everyone()
-
     def sample(self, step: int) -> None:
         o, acc = self.opt, self.accelerator
         if o.validation_prompt and acc.is_main_process:
@@ -435,22 +317,13 @@ class SDXLTrainer:
                 save_validation_grid(self, step)
         acc.wait_for_everyone()
 
-    def finish(self) -> None:
-        o, acc = self.opt, self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_bilora_state(
-                self.output_dir / STATE_FILE, self.trained, self.configs, {"step": str(self.global_step)}
-            )
-            (self.output_dir / CONFIG_FILE).write_text(to_yaml(o))
-            self.export()
-            if o.validation_prompt:
-                with aux_disabled(list(self.trained.values())):
-                    save_validation_grid(self, self.global_step)
-                    if o.compare_grid:
-                        save_before_after(self)
-        acc.end_training()
+    def save_outputs(self) -> None:
+        self.export()
+        if self.opt.validation_prompt:
+            with aux_disabled(list(self.trained.values())):
+                save_validation_grid(self, self.global_step)
+                if self.opt.compare_grid:
+                    save_before_after(self)
 
     def export(self) -> None:
         from ..export import export_lora
@@ -477,30 +350,9 @@ class SDXLTrainer:
         )
 
 
-def preflight_resume(options: SDXLOptions) -> None:
-    """A checkpoint made with another method, rank or base model is refused before any model loads."""
-    if not options.resume_from_checkpoint:
-        return
-    try:
-        path = resolve_checkpoint(options.resume_from_checkpoint, options.output_dir)
-        if path is not None:
-            state = json.loads((path / TRAINER_STATE).read_text())
-            expected = {
-                "method": options.method,
-                "rank": options.rank,
-                "aux_rank": options.bilora_config(options.target_modules).aux_rank,
-                "base_model": options.pretrained_model_name_or_path,
-                "train_text_encoder": options.train_text_encoder,
-                "seed": options.seed,
-            }
-            check_compatible(state, expected, path)
-    except CheckpointError as err:
-        raise OptionError(str(err)) from None
-
-
 def train(options: SDXLOptions) -> RunResult:
     """Run a whole training: data scan and options first (nothing loads if they are bad), then models."""
-    preflight_resume(options)
+    preflight_resume(options, SDXLTrainer.identity(options))
     trainer = SDXLTrainer(options)
     trainer.setup_data()
     trainer.setup_models()
