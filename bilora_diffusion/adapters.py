@@ -107,23 +107,30 @@ def bilora_layers(model: ModelOrModels) -> Iterator[LoraLayer]:
 
 @dataclass
 class LoraPair:
-    """The low-rank factors of one branch of one layer, as 2-D views: A [r, in_flat], B [out, r]."""
+    """The low-rank factors of one branch of one layer. ``A`` [r, in_flat] and ``B`` [out, r] are 2-D views made
+    at each access (never cached: wrappers such as DDP may swap a parameter's storage after the pair is built)."""
 
-    A: torch.Tensor
-    B: torch.Tensor
+    A_param: torch.Tensor
+    B_param: torch.Tensor
     scale: float
-    A_param: nn.Parameter
-    B_param: nn.Parameter
+    embedding: bool = False
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.A_param if self.embedding else self.A_param.reshape(self.A_param.shape[0], -1)
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.B_param if self.embedding else self.B_param.reshape(self.B_param.shape[0], -1)
 
 
 def lora_pair(layer: LoraLayer, branch: str) -> LoraPair | None:
     """The (A, B, scale) of ``branch`` in ``layer``, or None if the layer does not carry it."""
     if branch in layer.lora_A:
-        a, b = layer.lora_A[branch].weight, layer.lora_B[branch].weight
-        return LoraPair(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), layer.scaling[branch], a, b)
+        return LoraPair(layer.lora_A[branch].weight, layer.lora_B[branch].weight, layer.scaling[branch])
     if branch in layer.lora_embedding_A:
         a, b = layer.lora_embedding_A[branch], layer.lora_embedding_B[branch]
-        return LoraPair(a, b, layer.scaling[branch], a, b)
+        return LoraPair(a, b, layer.scaling[branch], embedding=True)
     return None
 
 

@@ -229,7 +229,7 @@ class SDXLTrainer(Trainer):
             stacked,
             self.c.noise_scheduler.config.num_train_timesteps,
             o.noise_offset,
-            seeded(o.seed, 7, step, micro, self.rank),
+            seeded(o.seed, 7, step, micro * self.world + self.rank),
         )
         mb = MicroBatch(
             stacked,
