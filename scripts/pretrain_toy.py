@@ -68,6 +68,8 @@ class Options:
     eval_every: int = 500
     eval_n: int = 90
     export_n: int = 180
+    export_only: bool = False
+    """Skip training: re-export the best EMA found in --work-dir (and rewrite the model card)."""
     max_minutes: float = 0.0
     """Stop the UNet phase after this many minutes of this process (0: no limit) and export the best."""
 
@@ -77,7 +79,10 @@ def parse_options() -> Options:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for name, value in asdict(Options()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        if isinstance(value, bool):
+            parser.add_argument("--" + name.replace("_", "-"), action="store_true")
+        else:
+            parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     return Options(**vars(parser.parse_args()))
 
 
@@ -128,16 +133,19 @@ def train_vae(vae: AutoencoderKL, opts: Options, work: Path) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(final)
     ckpt = work / "vae_ckpt.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=opts.vae_lr, weight_decay=0.0)
-    step = 0
+    step, done = 0, False
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log(work, f"VAE: resumed at step {step}")
+        color, shape = vae_score(vae, opts)
+        log(work, f"VAE step {step}: analyzer on reconstructions color {color:.1%} shape {shape:.1%}")
+        done = min(color, shape) >= opts.vae_target  # e.g. reached at the last checkpoint
     vae.train()
     start = time.time()
-    while step < opts.vae_max_steps:
+    while not done and step < opts.vae_max_steps:
         x, weight = vae_batch(opts, step)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
@@ -152,8 +160,7 @@ def train_vae(vae: AutoencoderKL, opts: Options, work: Path) -> AutoencoderKL:
             color, shape = vae_score(vae, opts)
             log(work, f"VAE step {step}: analyzer on reconstructions color {color:.1%} shape {shape:.1%}")
             torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
-            if min(color, shape) >= opts.vae_target:
-                break
+            done = min(color, shape) >= opts.vae_target
     with torch.no_grad():
         x = to_pixels([s[0] for s in make_samples(512, seed=opts.seed * 100_000 + 77_777)])
         std = vae.encode(x).latent_dist.mode().std().item()
@@ -364,8 +371,13 @@ SWEEP = [(15, 5.0), (25, 3.0), (25, 5.0), (25, 7.5), (40, 5.0)]
 """(steps, guidance) pairs measured at export; the card reports all of them."""
 
 
-def export(components: dict, vae: AutoencoderKL, opts: Options, work: Path, command: str) -> None:
-    """Phase 3: save the best EMA as the shipped pipeline, reload it as users will, and measure it."""
+def export(
+    components: dict, vae: AutoencoderKL, opts: Options, work: Path, command: str, train_opts: dict
+) -> None:
+    """Phase 3: save the best EMA as the shipped pipeline, reload it as users will, and measure it.
+
+    ``command`` and ``train_opts`` describe the training run (not an --export-only rerun) for the card.
+    """
     weights = load_file(work / "best_ema.safetensors")
     for key in ("unet", "text_encoder", "text_encoder_2"):
         components[key].load_state_dict(
@@ -392,14 +404,98 @@ def export(components: dict, vae: AutoencoderKL, opts: Options, work: Path, comm
         log(work, f"export: steps {steps} guidance {guidance}: held-in {held}; purple prompts {new}")
     report = {
         "command": command,
-        "options": asdict(opts),
+        "options": train_opts,
         "vae": json.loads((work / "vae_report.json").read_text()),
         "best": json.loads((sorted((work / "ckpt").glob("step_*"))[-1] / "state.json").read_text())["best"],
         "sweep": rows,
         "size_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6,
     }
     (work / "export_report.json").write_text(json.dumps(report, indent=2))
+    (out / "README.md").write_text(model_card(report, work))
     log(work, f"exported to {out} ({report['size_mb']:.1f} MB)")
+
+
+def _wall_minutes(work: Path) -> float:
+    """Minutes from the first to the last line of the run's log (all resumed segments included)."""
+    stamps = [line[1:9] for line in (work / "log.txt").read_text().splitlines() if line.startswith("[")]
+    to_s = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in (t.split(":") for t in stamps)]
+    total = 0
+    for a, b in zip(to_s, to_s[1:], strict=False):
+        total += (b - a) % 86400
+    return total / 60
+
+
+def model_card(report: dict, work: Path) -> str:
+    """The shipped README.md: how the model was made and what the analyzer measured on it."""
+    samples = make_samples(2000, seed=424242, colors=COLORS)
+    generator = score([s[0] for s in samples], [s[2] for s in samples])
+    vae, best = report["vae"], report["best"]
+    rows = "\n".join(
+        f"| {r['steps']} | {r['guidance']} | {r['held_in']['color']:.1%} | {r['held_in']['shape']:.1%} "
+        f"| {r['held_in']['both']:.1%} | {r['new_concept']['color']:.1%} |"
+        for r in report["sweep"]
+    )
+    opts = report["options"]
+    return f"""# sdxl-tiny: the toy shapes world's pretrained SDXL
+
+A {report["size_mb"]:.1f} MB `StableDiffusionXLPipeline` folder with SDXL's architecture at toy size, the
+embedded default model of bilora-diffusion: a trainer run with no arguments fine-tunes it, offline, on a
+CPU, on `bilora_diffusion/toy/demo_data/` (24 images of a **purple** shape, a color it has never seen).
+
+It draws 32x32 images of one circle, square or triangle from captions such as
+`a large red circle on a white background, top left` (vocabulary: `bilora_diffusion.toy.world.VOCABULARY`,
+one token per word). Held-in colors: red, orange, yellow, green, cyan, blue. `purple` is in the tokenizers
+but no pretraining caption or image of the UNet and text encoders contains it.
+
+```python
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained("bilora_diffusion/toy/sdxl-tiny")  # offline, float32
+image = pipe("a large red circle on a white background, top left",
+             num_inference_steps=25, guidance_scale=5.0).images[0]  # 32x32
+```
+
+## Components
+
+- UNet2DConditionModel: SDXL blocks (DownBlock2D, CrossAttnDownBlock2D x2 / CrossAttnUpBlock2D x2,
+  UpBlock2D), channels {ToyModelConfig().unet_channels}, `text_time` added conditioning; 4x8x8 latents. Stored fp16
+  (diffusers loads it as float32).
+- AutoencoderKL: 3 levels (32, 64, 64), 4x downsampling, scaling factor {vae["scaling_factor"]:.4f}
+  (1 / std of its latents). Stored fp16.
+- CLIPTextModel (width 32) and CLIPTextModelWithProjection (width 64, projection 64), 2 layers each,
+  stored float32; CLIPTokenizers built locally from the toy vocabulary (max length 77).
+- Scheduler: SDXL base's EulerDiscreteScheduler config (epsilon prediction, scaled-linear betas).
+
+## How it was made
+
+    {report["command"]}
+
+Seed {opts["seed"]}. Wall time about {_wall_minutes(work):.0f} minutes on 2 shared CPU cores (1 thread, `nice`).
+
+1. VAE on generator images of every palette color, purple included (a generic image codec, as SDXL's VAE
+   saw all colors), shape pixels weighted 5x, until the analyzer read its reconstructions of 300 held-out
+   images right: {vae["steps"]} steps of batch {opts["vae_batch"]}; color {vae["color"]:.1%}, shape {vae["shape"]:.1%}.
+2. UNet and both text encoders together on {opts["dataset_size"]} cached latents of held-in images only:
+   epsilon loss with min-SNR-{opts["min_snr_gamma"]:g} weights, batch {opts["unet_batch"]}, AdamW lr {opts["unet_lr"]:g}
+   (no weight decay, so the unseen `purple` embedding stays as initialised), warmup and cosine decay,
+   {opts["caption_dropout"]:.0%} caption dropout to zero embeddings (the pipeline's unconditional input,
+   `force_zeros_for_empty_prompt`), EMA {opts["ema_decay"]}. Shipped: the EMA at step {best["step"]}, the best
+   held-in score among the evaluations (every {opts["eval_every"]} steps, {opts["eval_n"]} prompts).
+3. Export: fp16 UNet/VAE, reloaded from disk and measured below.
+
+## Measured (bilora_diffusion.toy.analyzer)
+
+- The analyzer on 2,000 generator images: color {generator.color:.1%}, shape {generator.shape:.1%}.
+- Generated images, {report["sweep"][0]["held_in"]["n"]} held-in prompts balanced over the 18 shape x color
+  combinations, and {report["sweep"][0]["new_concept"]["n"]} purple prompts (the demo concept before any
+  fine-tuning: the color column counts images the analyzer reads as purple):
+
+| steps | guidance | held-in color | held-in shape | held-in both | purple prompts read as purple |
+|---|---|---|---|---|---|
+{rows}
+
+Recommended inference: 32x32 (the default), 25 Euler steps, guidance 5.0
+(`bilora_diffusion.toy.evaluate.DEFAULT_STEPS` / `DEFAULT_GUIDANCE`).
+"""
 
 
 def main() -> None:
@@ -418,8 +514,14 @@ def main() -> None:
     components = build_toy_components(ToyModelConfig(), seed=opts.seed)
     vae = train_vae(components["vae"], opts, work)
     vae.eval().requires_grad_(False)
-    train_unet(components, vae, opts, work)
-    export(components, vae, opts, work, command)
+    train_opts = asdict(opts)
+    if opts.export_only:
+        # The card must show the training command and options, not this re-export's.
+        previous = json.loads((work / "export_report.json").read_text())
+        command, train_opts = previous["command"], previous["options"]
+    else:
+        train_unet(components, vae, opts, work)
+    export(components, vae, opts, work, command, train_opts)
 
 
 if __name__ == "__main__":

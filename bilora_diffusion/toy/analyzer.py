@@ -13,7 +13,12 @@ Method (for one 32x32 RGB image, uint8 or float in [0, 255]):
    shape), take the largest region again, and classify its geometry:
    - triangle when the top half of its bounding box holds much less mass than the bottom half
      (an upward triangle holds ~1/3 as much; circles and squares ~1),
-   - else square when it fills > 89 % of its bounding box, circle otherwise (a disc fills ~79 %).
+   - else square when its soft fill is > 0.895, circle otherwise (a disc fills ~0.79).
+
+The soft fill is the shape's total coverage (each pixel's distance from the background as a fraction of
+the color's, in a window 2 pixels wider than the bounding box) over the bounding box's area. Blur moves
+coverage across the 50 % edge but keeps its sum, so a blurred disc keeps the fill of a disc; the plain
+thresholded fill of a blurred small disc reads up to 0.95 (its corners fill in) and overlaps squares'.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ _PALETTE_RGB = np.array([PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float64)
 _MIN_FOREGROUND_DISTANCE = 60.0
 _MIN_REGION_PIXELS = 4
 _TRIANGLE_TOP_BOTTOM_RATIO = 0.6
-_SQUARE_FILL = 0.89
+_SQUARE_FILL = 0.895
+_COVERAGE_FLOOR = 0.1
+"""Coverage below this fraction counts as background, so faint noise around a shape adds no mass."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,17 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best_label if best_size else np.zeros_like(mask)
 
 
-def _geometry(region: np.ndarray) -> tuple[str, float, float]:
-    """(shape, fill ratio of the bounding box, top-half mass / bottom-half mass) of a boolean region."""
+def _geometry(region: np.ndarray, coverage: np.ndarray) -> tuple[str, float, float]:
+    """(shape, soft fill, top-half mass / bottom-half mass) of a boolean region.
+
+    coverage: (H, W) in [0, 1], how much of each pixel the shape covers (1 inside a crisp shape).
+    """
     ys, xs = np.nonzero(region)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    h, w = region.shape
+    window = coverage[max(y0 - 2, 0) : min(y1 + 2, h), max(x0 - 2, 0) : min(x1 + 2, w)]
+    fill = float(window.sum()) / ((y1 - y0) * (x1 - x0))
     box = region[y0:y1, x0:x1].astype(np.float64)
-    fill = float(box.mean())
     rows = box.sum(axis=1)
     half = (y1 - y0) / 2.0
     centers = np.arange(y1 - y0) + 0.5
@@ -99,11 +111,12 @@ def analyze(image: np.ndarray) -> Analysis:
     mean_rgb = pixels[core].mean(axis=0)
     index = int(np.argmin(np.linalg.norm(_PALETTE_RGB - mean_rgb, axis=1)))
     color = _PALETTE_NAMES[index]
-    edge = 0.5 * float(np.linalg.norm(_PALETTE_RGB[index] - background))
-    region = _largest_component(distance > max(edge, _MIN_FOREGROUND_DISTANCE))
+    full = float(np.linalg.norm(_PALETTE_RGB[index] - background))
+    region = _largest_component(distance > max(0.5 * full, _MIN_FOREGROUND_DISTANCE))
     if region.sum() < _MIN_REGION_PIXELS:
         return Analysis(color, "none")
-    shape, fill, top_bottom = _geometry(region)
+    coverage = np.clip((distance / full - _COVERAGE_FLOOR) / (1 - _COVERAGE_FLOOR), 0.0, 1.0)
+    shape, fill, top_bottom = _geometry(region, coverage)
     return Analysis(color, shape, fill, top_bottom, int(region.sum()))
 
 
