@@ -135,15 +135,30 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore adapters, optimizer, scheduler and RNG; returns the trainer state (step, data position)."""
     path = Path(path)
-    load_bilora_state(path / STATE_FILE, components)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    try:
+        load_bilora_state(path / STATE_FILE, components)
+    except ValueError as err:
+        raise CheckpointError(f"--resume_from_checkpoint {path}: {err}") from err
+    optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
+    rng = safe_torch_load(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_tuple(rng["python"]))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def safe_torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors, numbers and containers only — a pickle that would run code
+    is refused with a message naming the file, and nothing in it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from err
+    except Exception as err:  # UnpicklingError, RuntimeError: weights_only refusals and corrupt files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused (not a plain tensor file; nothing in it was run): {first}") from err
 
 
 def _as_tuple(value: Any) -> Any:

@@ -96,8 +96,11 @@ class _EncodeJobs(Dataset):
 
     def __getitem__(self, i: int):
         index, flip = self.jobs[i]
-        pixels = to_tensor(open_image(self.records[index]), self.plans[index].resized, flip)
-        return index, flip, pixels
+        try:
+            pixels = to_tensor(open_image(self.records[index]), self.plans[index].resized, flip)
+        except DataError as err:  # the file went bad after the scan: reported, not fatal
+            return index, flip, torch.zeros(0), str(err)
+        return index, flip, pixels, ""
 
 
 class LatentCache:
@@ -109,6 +112,7 @@ class LatentCache:
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
+        self.failed: dict[int, str] = {}  # record index -> why its image could not be read any more
 
     def _file(self, digest: str, size: tuple[int, int], flip: bool) -> Path | None:
         if self.folder is None:
@@ -132,8 +136,13 @@ class LatentCache:
         loader = DataLoader(_EncodeJobs(records, plans, jobs), batch_size=1, num_workers=num_workers)
         scale = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        for index, flip, pixels in tqdm(loader, desc="caching latents", disable=disable_bar or not jobs):
+        for index, flip, pixels, error in tqdm(
+            loader, desc="caching latents", disable=disable_bar or not jobs
+        ):
             index, flip = int(index[0]), bool(flip[0])
+            if error[0]:
+                self.failed[index] = error[0]
+                continue
             # The mean of the latent distribution: deterministic, so cached and uncached runs agree.
             latent = vae.encode(pixels.to(device, dtype)).latent_dist.mean[0].float()
             latent = ((latent - shift) * scale).cpu()

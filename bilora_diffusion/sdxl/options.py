@@ -81,8 +81,8 @@ class SDXLOptions(TrainOptions):
             value = getattr(self, name)
             if value and name == "train_data_dir" and not os.path.isdir(value):
                 raise OptionError(f"--{name}: no such folder {value}")
-        if self.resolution < 64 or self.resolution % 8:
-            raise OptionError(f"--resolution must be a multiple of 8 and >= 64, got {self.resolution}")
+        if self.resolution < 16 or self.resolution % 8:
+            raise OptionError(f"--resolution must be a multiple of 8 and >= 16, got {self.resolution}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise OptionError(f"--caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.validation_split < 1.0:

@@ -175,10 +175,32 @@ class SDXLTrainer(Trainer):
                 self.text_cache = TextEmbeddingCache(te_id, o.cache_dir)
                 captions = [r.caption for r in self.records + self.val_records]
                 self.text_cache.build(captions, c.tokenizers, c.text_encoders)
+        self.drop_failed()
         # Latents live in the cache from now on; the VAE is only needed for samples.
         if acc.device.type == "cuda":
             c.vae.to("cpu")
             torch.cuda.empty_cache()
+
+    def drop_failed(self) -> None:
+        """Samples whose file went bad between the scan and caching are skipped with a warning, not fatal."""
+        for cache, attr, plans_attr in (
+            (self.latents, "records", "plans"),
+            (self.val_latents, "val_records", "val_plans"),
+        ):
+            if not cache.failed:
+                continue
+            for why in cache.failed.values():
+                logger.warning("skipped (unreadable since the scan): %s", why)
+            records, plans = getattr(self, attr), getattr(self, plans_attr)
+            renumber = {
+                old: new for new, old in enumerate(i for i in range(len(records)) if i not in cache.failed)
+            }
+            if attr == "records" and not renumber:
+                raise DataError("every training image became unreadable after the scan")
+            cache.latents = {(renumber[i], f): v for (i, f), v in cache.latents.items() if i in renumber}
+            setattr(self, attr, [records[i] for i in renumber])
+            setattr(self, plans_attr, [plans[i] for i in renumber])
+        self.buckets = [p.bucket for p in self.plans]
 
     def setup_training(self) -> None:
         o = self.opt
