@@ -331,3 +331,36 @@ def test_two_processes_equal_one_process_with_the_combined_batch(tiny_sdxl_dir, 
     a, b = adapters(tmp_path / "mp"), adapters(tmp_path / "single")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_validation_loss_is_fixed_and_taken_without_the_auxiliary_branch(
+    tiny_sdxl_dir, image_folder, tmp_path
+):
+    from bilora_diffusion.adapters import aux_disabled
+
+    opts = options(tiny_sdxl_dir, image_folder, tmp_path / "out", validation_split=0.25, learning_rate=0.05)
+    trainer = SDXLTrainer(opts)
+    trainer.setup_data()
+    assert len(trainer.records) == 6 and len(trainer.val_records) == 2
+    trainer.setup_models()
+    trainer.setup_caches()
+    trainer.setup_training()
+    result = trainer.train()
+    assert [s for s, _ in result.val_losses] == [3]
+    again = trainer.validation_loss()
+    assert again == pytest.approx(result.val_losses[0][1], rel=1e-6)  # fixed noise and timesteps
+    # Reference: the same loss by hand with the auxiliary branch off; it differs with the branch on.
+    unet = trainer.trained["unet"]
+    real = trainer.validation_loss
+    import bilora_diffusion.sdxl.train as train_module
+
+    original = train_module.aux_disabled
+    train_module.aux_disabled = lambda models: __import__("contextlib").nullcontext()
+    try:
+        with_aux = real()
+    finally:
+        train_module.aux_disabled = original
+    with aux_disabled(unet):
+        assert real() == pytest.approx(again, rel=1e-6)
+    assert with_aux != pytest.approx(again, rel=1e-6)
