@@ -1,0 +1,226 @@
+"""The causal-LM trainer: setup, loop, save — the shared `Trainer` with a language-model loss.
+
+Everything but the data and the loss comes from `bilora_diffusion.training` (method step, non-finite guard,
+progress, checkpoints, exact resume, the full Bi-LoRA state): the SDXL and LLM paths run the same loop. The
+auxiliary branch is disabled for the held-out loss and the export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..adapters import attach_bilora, aux_disabled, unwrap
+from ..options import OptionError, replace
+from ..training import (
+    RunResult,
+    Trainer,
+    cast_trainable_to_fp32,
+    preflight_resume,
+    seeded,
+    steps_per_epoch,
+    weight_dtype,
+)
+from .data import DataReport, Example, LMBatch, collate, pack, pad_id, read_rows, tokenize_rows
+from .export import MERGED_DIR, save_merged, save_peft_adapter
+from .options import LLMOptions
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, flag: str = "--model"
+):
+    """The tokenizer; a name that is neither a folder nor a reachable Hub repo is a bad option (exit 2)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            name, revision=revision or "main", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise OptionError(
+            f"{flag} {name}: no tokenizer could be loaded ({str(err).splitlines()[0]})"
+        ) from err
+
+
+class LLMTrainer(Trainer):
+    project = "bilora-llm"
+
+    @staticmethod
+    def identity(options: LLMOptions) -> dict:
+        """What a checkpoint must match to be resumed (method, ranks, base model), plus what made its data."""
+        aux_rank = options.bilora_config(options.target_modules).aux_rank
+        same = ("method", "rank", "seed", "dataset", "max_length", "packing")
+        return {"base_model": options.model, "aux_rank": aux_rank, **{k: getattr(options, k) for k in same}}
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.setup_data()
+        self.setup_models()
+        self.setup_training()
+
+    def setup_data(self) -> None:
+        """Rows to examples for training (and held-out evaluation), before any model weight loads."""
+        o = self.opt
+        # --revision is the model's: a separate --tokenizer is loaded at its default revision.
+        self.tokenizer = load_tokenizer(
+            o.tokenizer or o.model,
+            None if o.tokenizer else o.revision,
+            o.trust_remote_code,
+            "--tokenizer" if o.tokenizer else "--model",
+        )
+        self.pad_id = pad_id(self.tokenizer)
+        self.examples, self.report = self.load_examples(
+            o.dataset, o.dataset_split, o.max_train_samples, "train"
+        )
+        self.eval_examples: list[Example] = []
+        if o.eval_dataset:
+            self.eval_examples, self.eval_report = self.load_examples(
+                o.eval_dataset, o.eval_split, o.max_eval_samples, "eval"
+            )
+        self.samples = pack(self.examples, o.max_length) if o.packing else self.examples
+        if o.packing and self.accelerator.is_main_process:
+            logger.info("packed %d examples into %d sequences", len(self.examples), len(self.samples))
+
+    def load_examples(
+        self, source: str, split: str, limit: int | None, name: str
+    ) -> tuple[list[Example], DataReport]:
+        o = self.opt
+        rows = read_rows(source, o.dataset_config_name, split, limit)
+        examples, report = tokenize_rows(rows, self.tokenizer, o.prompt_format(), o.max_length, name)
+        if self.accelerator.is_main_process:
+            log = logger.warning if report.truncated or report.dropped or report.bad_rows else logger.info
+            log("%s", report.summary(o.max_length))
+        return examples, report
+
+    def setup_models(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        o, acc = self.opt, self.accelerator
+        self.dtype = weight_dtype(acc)
+        extra = {"attn_implementation": o.attn_implementation} if o.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            o.model,
+            revision=o.revision or "main",
+            dtype=self.dtype,
+            trust_remote_code=o.trust_remote_code,
+            **extra,
+        )
+        model.requires_grad_(False)
+        model.to(acc.device)
+        self.configs = {"model": o.bilora_config(o.target_modules)}
+        attach_bilora(model, self.configs["model"])
+        cast_trainable_to_fp32(model)
+        if o.gradient_checkpointing:
+            # Non-reentrant checkpointing: gradients reach the adapters although the inputs need none.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if o.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        model.train()  # from_pretrained returns eval mode: LoRA dropout would be off
+        self.trained = {"model": model}
+
+    def setup_training(self) -> None:
+        o = self.opt
+        steps = steps_per_epoch(
+            math.ceil(len(self.samples) / o.train_batch_size), self.world, o.gradient_accumulation_steps
+        )
+        if o.lr_warmup_ratio is not None:
+            total = o.max_train_steps or o.num_train_epochs * steps
+            self.opt = replace(o, lr_warmup_steps=math.ceil(o.lr_warmup_ratio * total))
+        self.setup_optimization([("model", o.learning_rate)], steps)
+
+    # -- batches --------------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch (sample indices): a permutation drawn from (seed, epoch) only, so every
+        process and every resume sees the same order without restoring any generator."""
+        if getattr(self, "_order_epoch", None) != epoch:
+            order = torch.randperm(len(self.samples), generator=seeded(self.opt.seed, epoch)).tolist()
+            size = self.opt.train_batch_size
+            self._order = [order[i : i + size] for i in range(0, len(order), size)]
+            self._order_epoch = epoch
+        return self._order
+
+    def micro_batches(self, step: int) -> list[LMBatch]:
+        """This process's micro-batches of optimizer step ``step``: batch ``(step·world + micro·world + rank)``
+        of the epoch, wrapping around when the last step of an epoch has fewer batches than processes."""
+        o = self.opt
+        epoch, position = divmod(step, self.steps_per_epoch)
+        batches = self.epoch_order(epoch)
+        first = position * self.world * o.gradient_accumulation_steps
+        picks = [
+            batches[(first + micro * self.world + self.rank) % len(batches)]
+            for micro in range(o.gradient_accumulation_steps)
+        ]
+        return [collate([self.samples[i] for i in pick], self.pad_id) for pick in picks]
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def loss(self, mb: LMBatch) -> torch.Tensor:
+        """Mean cross-entropy over the micro-batch's response tokens (transformers shifts the labels and
+        computes it in float32). No KV cache: a cache would also disable the packed-sequence masks."""
+        with self.accelerator.autocast():
+            return self.models["model"](**mb.model_inputs(self.accelerator.device), use_cache=False).loss
+
+    def batch_keys(self, mb: LMBatch) -> list[str]:
+        return mb.keys
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """Held-out loss per response token (and its perplexity, logged) with the auxiliary branch disabled:
+        the model users get. Each process takes every world-th batch; the sums are reduced."""
+        if not self.eval_examples:
+            return None
+        model, acc = self.trained["model"], self.accelerator
+        size = self.opt.train_batch_size
+        batches = [self.eval_examples[i : i + size] for i in range(0, len(self.eval_examples), size)]
+        totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        model.eval()
+        try:
+            with aux_disabled(model):
+                for batch in batches[self.rank :: self.world]:
+                    mb = collate(batch, self.pad_id)
+                    with acc.autocast():
+                        loss = model(**mb.model_inputs(acc.device), use_cache=False).loss
+                    totals += torch.stack(
+                        [loss.double() * mb.trained_tokens, totals.new_tensor(mb.trained_tokens)]
+                    )
+        finally:
+            model.train()
+        if self.world > 1:
+            totals = acc.reduce(totals, "sum")
+        value = float(totals[0] / totals[1])
+        acc.log({"eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}, step=self.global_step)
+        return value
+
+    # -- outputs --------------------------------------------------------------------------------------
+    def save_outputs(self) -> None:
+        """The PEFT adapter (primary branch) and the tokenizer in output_dir; with --merge, the merged model."""
+        o = self.opt
+        model = unwrap(self.trained["model"])
+        save_peft_adapter(model, self.configs["model"], self.output_dir, o.model)
+        self.tokenizer.save_pretrained(str(self.output_dir))
+        if o.merge:
+            save_merged(
+                o.model,
+                self.output_dir,
+                self.output_dir / MERGED_DIR,
+                self.tokenizer,
+                o.revision,
+                o.trust_remote_code,
+            )
+        logger.info("PEFT adapter written to %s", self.output_dir)
+
+
+def train(options: LLMOptions) -> RunResult:
+    """Run a whole training: options and data first (nothing loads if they are bad), then the model."""
+    preflight_resume(options, LLMTrainer.identity(options))
+    trainer = LLMTrainer(options)
+    trainer.setup()
+    return trainer.train()
