@@ -232,6 +232,9 @@ class TrainOptions:
         ),
     )
     lr_warmup_steps: int = opt(0, "Warmup steps of the schedule.")
+    lr_warmup_ratio: float | None = opt(
+        None, "Warmup as a fraction of the total steps (e.g. 0.03); overrides lr_warmup_steps."
+    )
     train_batch_size: int = opt(1, "Batch size per process.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     max_train_steps: int | None = opt(None, "Optimizer steps; overrides num_train_epochs.")
@@ -299,6 +302,10 @@ class TrainOptions:
             raise OptionError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
         if not 0.0 <= self.adam_beta1 < 1.0 or not 0.0 <= self.adam_beta2 < 1.0:
             raise OptionError("--adam_beta1 and --adam_beta2 must be in [0, 1)")
+        if self.lr_warmup_ratio is not None and not 0.0 <= self.lr_warmup_ratio < 1.0:
+            raise OptionError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+        if self.validation_steps < 1:
+            raise OptionError(f"--validation_steps must be >= 1, got {self.validation_steps}")
         if self.max_nonfinite_steps < 1:
             raise OptionError("--max_nonfinite_steps must be >= 1")
         if self.method in ("lora-sam", "flat-lora") and self.mixed_precision == "fp16":
@@ -312,6 +319,16 @@ class TrainOptions:
             self.bilora_config(["x"])
         except ConfigError as err:
             raise OptionError(str(err)) from None
+        check_output_dir(self.output_dir)
+
+
+def check_output_dir(path: str) -> None:
+    """The output folder must be creatable and writable (checked before any model loads)."""
+    probe = Path(path)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise OptionError(f"--output_dir: {path} is not writable")
 
 
 def replace(options: Any, **changes: Any) -> Any:

@@ -224,6 +224,15 @@ def steps_per_epoch(num_batches: int, world_size: int, accumulation: int) -> int
     return max(1, math.ceil(num_batches / (world_size * accumulation)))
 
 
+def step_batches(batches: list, position: int, world: int, rank: int, accumulation: int) -> list:
+    """This process's micro-batches at ``position`` within an epoch: batch
+    ``position·world·accumulation + micro·world + rank``, wrapping around when the epoch's last step has fewer
+    batches than processes. One process with accumulation A sees the same batches, in the same order, as A
+    processes without it — the multi-process run is the single-process run with the combined batch."""
+    first = position * world * accumulation
+    return [batches[(first + micro * world + rank) % len(batches)] for micro in range(accumulation)]
+
+
 def seeded(*parts: int) -> torch.Generator:
     """A CPU generator seeded from integers (seed, epoch, step, ...): randomness that a resume reproduces
     without restoring any generator state."""
@@ -279,6 +288,18 @@ class Trainer:
 
     @staticmethod
     def identity(options: TrainOptions) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def run(cls, options: TrainOptions) -> RunResult:
+        """A whole training: a resume that cannot fit is refused first (before any model loads), then the
+        subclass's ``setup()`` (options and data before models) and the loop."""
+        preflight_resume(options, cls.identity(options))
+        trainer = cls(options)
+        trainer.setup()
+        return trainer.train()
+
+    def setup(self) -> None:
         raise NotImplementedError
 
     # -- hooks ----------------------------------------------------------------------------------------

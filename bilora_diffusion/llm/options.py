@@ -11,7 +11,6 @@ import string
 from dataclasses import dataclass
 
 from ..options import OptionError, TrainOptions, opt
-from ..sdxl.options import check_output_dir
 from .data import PromptFormat
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,9 +97,6 @@ class LLMOptions(TrainOptions, FormatOptions):
         False,
         "Pack several examples into each sequence of max_length (attention stays within each example).",
     )
-    lr_warmup_ratio: float | None = opt(
-        None, "Warmup as a fraction of the total steps (e.g. 0.03); overrides lr_warmup_steps."
-    )
     target_modules: list[str] = opt(list(LLAMA_TARGETS), "Modules to adapt (suffix match, as in PEFT).")
     rank: int = opt(8, "Rank of the primary LoRA (the one exported). Paper: 8 for LLMs.")
     lora_alpha: float | None = opt(16.0, "LoRA alpha of the primary branch (scale = alpha/rank).")
@@ -121,13 +117,8 @@ class LLMOptions(TrainOptions, FormatOptions):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OptionError(f"--{name} must be >= 1, got {value}")
-        if self.lr_warmup_ratio is not None and not 0.0 <= self.lr_warmup_ratio < 1.0:
-            raise OptionError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
-        if self.validation_steps < 1:
-            raise OptionError(f"--validation_steps must be >= 1, got {self.validation_steps}")
         if self.init_lora_weights in _W0_REWRITING_INITS:
             raise OptionError(
                 f"--init_lora_weights {self.init_lora_weights} rewrites the base weights at attach time: the "
                 "exported adapter would not apply to the stock base model; use default, gaussian or orthogonal"
             )
-        check_output_dir(self.output_dir)

@@ -13,13 +13,13 @@ import math
 import torch
 
 from ..adapters import attach_bilora, aux_disabled, unwrap
-from ..options import OptionError, replace
+from ..options import OptionError
 from ..training import (
     RunResult,
     Trainer,
     cast_trainable_to_fp32,
-    preflight_resume,
     seeded,
+    step_batches,
     steps_per_epoch,
     weight_dtype,
 )
@@ -132,9 +132,6 @@ class LLMTrainer(Trainer):
         steps = steps_per_epoch(
             math.ceil(len(self.samples) / o.train_batch_size), self.world, o.gradient_accumulation_steps
         )
-        if o.lr_warmup_ratio is not None:
-            total = o.max_train_steps or o.num_train_epochs * steps
-            self.opt = replace(o, lr_warmup_steps=math.ceil(o.lr_warmup_ratio * total))
         self.setup_optimization([("model", o.learning_rate)], steps)
 
     # -- batches --------------------------------------------------------------------------------------
@@ -154,11 +151,7 @@ class LLMTrainer(Trainer):
         o = self.opt
         epoch, position = divmod(step, self.steps_per_epoch)
         batches = self.epoch_order(epoch)
-        first = position * self.world * o.gradient_accumulation_steps
-        picks = [
-            batches[(first + micro * self.world + self.rank) % len(batches)]
-            for micro in range(o.gradient_accumulation_steps)
-        ]
+        picks = step_batches(batches, position, self.world, self.rank, o.gradient_accumulation_steps)
         return [collate([self.samples[i] for i in pick], self.pad_id) for pick in picks]
 
     # -- the loss -------------------------------------------------------------------------------------
@@ -220,7 +213,4 @@ class LLMTrainer(Trainer):
 
 def train(options: LLMOptions) -> RunResult:
     """Run a whole training: options and data first (nothing loads if they are bad), then the model."""
-    preflight_resume(options, LLMTrainer.identity(options))
-    trainer = LLMTrainer(options)
-    trainer.setup()
-    return trainer.train()
+    return LLMTrainer.run(options)

@@ -19,8 +19,8 @@ from ..training import (
     RunResult,
     Trainer,
     cast_trainable_to_fp32,
-    preflight_resume,
     seeded,
+    step_batches,
     steps_per_epoch,
     weight_dtype,
 )
@@ -48,6 +48,12 @@ class SDXLTrainer(Trainer):
         }
 
     # -- setup ----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.setup_data()
+        self.setup_models()
+        self.setup_caches()
+        self.setup_training()
+
     def setup_data(self) -> None:
         o = self.opt
         report = load_records(
@@ -217,14 +223,8 @@ class SDXLTrainer(Trainer):
         o = self.opt
         epoch, position = divmod(step, self.steps_per_epoch)
         batches = epoch_batches(self.buckets, o.train_batch_size, o.seed, epoch)
-        per_step = self.world * o.gradient_accumulation_steps
-        needed = self.steps_per_epoch * per_step
-        batches = (batches * math.ceil(needed / len(batches)))[:needed]  # wrap so every rank has a batch
-        out = []
-        for micro in range(o.gradient_accumulation_steps):
-            indices = batches[position * per_step + micro * self.world + self.rank]
-            out.append(self.make_batch(indices, epoch, step, micro))
-        return out
+        picks = step_batches(batches, position, self.world, self.rank, o.gradient_accumulation_steps)
+        return [self.make_batch(indices, epoch, step, micro) for micro, indices in enumerate(picks)]
 
     def make_batch(self, indices: list[int], epoch: int, step: int, micro: int) -> MicroBatch:
         o = self.opt
@@ -373,11 +373,5 @@ class SDXLTrainer(Trainer):
 
 
 def train(options: SDXLOptions) -> RunResult:
-    """Run a whole training: data scan and options first (nothing loads if they are bad), then models."""
-    preflight_resume(options, SDXLTrainer.identity(options))
-    trainer = SDXLTrainer(options)
-    trainer.setup_data()
-    trainer.setup_models()
-    trainer.setup_caches()
-    trainer.setup_training()
-    return trainer.train()
+    """Run a whole training: options and the data scan first (nothing loads if they are bad), then models."""
+    return SDXLTrainer.run(options)
