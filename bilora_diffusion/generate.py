@@ -1,0 +1,182 @@
+"""Render prompts with the stock ``StableDiffusionXLPipeline`` and an exported LoRA (either format).
+
+No subclass, no patched loader: what this renders is what a diffusers user gets from
+``pipe.load_lora_weights(file)``. The LoRA file is checked first (`bilora_diffusion.export.check_lora_file`:
+safetensors only, SDXL keys, shapes that fit this pipeline), so a wrong or hostile file stops with a one-line
+error before any loader sees it. ``--compare`` renders each seed without and with the LoRA, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from .config import ConfigError
+from .export import ExportError, check_lora_file, fail
+from .sdxl.kohya import KeyMapError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ADAPTER_NAME = "bilora"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bilora-generate",
+        description="Render prompts x seeds to PNG with the stock StableDiffusionXLPipeline and an exported LoRA.",
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="base SDXL pipeline (folder or Hub id)"
+    )
+    parser.add_argument(
+        "--lora", default=None, help="exported LoRA: a .safetensors file (diffusers or kohya) or its folder"
+    )
+    parser.add_argument("--prompt", action="append", required=True, help="repeatable")
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--seed", action="append", type=int, default=None, help="repeatable (default: 0)")
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument(
+        "--lora_scale", type=float, default=1.0, help="LoRA strength (multiplies alpha / rank)"
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="also render without the LoRA; write compare.png"
+    )
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 on a GPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--output_dir", default="samples")
+    return parser
+
+
+def load_pipeline(base: str, dtype: torch.dtype, device: str):
+    """The stock pipeline, progress bars off (they would interleave with the printed paths)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def apply_lora(pipe, lora: str | Path, adapter_name: str = ADAPTER_NAME) -> tuple[Path, str]:
+    """Check, then ``load_lora_weights`` an exported LoRA file; returns (file, "diffusers" | "kohya").
+
+    ``use_safetensors=True`` turns off the loader's pickle fallback (``.bin`` via torch.load), and the file is
+    passed by folder + ``weight_name`` so that its header (the adapter metadata that carries alpha) is read."""
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    file, fmt = check_lora_file(lora, models, pipe.unet.config)
+    pipe.load_lora_weights(
+        str(file.parent), weight_name=file.name, adapter_name=adapter_name, use_safetensors=True
+    )
+    return file, fmt
+
+
+def render(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    lora_scale: float | None = None,
+) -> list[list[Image.Image]]:
+    """``images[prompt_index][seed_index]``. Each image has its own CPU generator seeded with its seed, so the
+    same seed gives the same starting noise on any device and with or without the LoRA."""
+    extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale is not None else {}
+    images = []
+    for prompt in prompts:
+        row = []
+        for seed in seeds:
+            result = pipe(
+                prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                **extra,
+            )
+            row.append(result.images[0])
+        images.append(row)
+    return images
+
+
+def grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
+    """Images pasted row by row into one picture (all cells the size of the first image)."""
+    w, h = rows[0][0].size
+    canvas = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            canvas.paste(image, (x * w, y * h))
+    return canvas
+
+
+def _slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
+
+
+def _save(image: Image.Image, path: Path, info: dict) -> Path:
+    png = PngImagePlugin.PngInfo()
+    png.add_text("bilora", json.dumps(info))
+    image.save(path, pnginfo=png)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``bilora-generate``: writes ``<output_dir>/NN_<prompt>_seedS.png`` (and with --compare ``*_base.png`` and
+    ``compare.png``: one row per prompt and seed, without | with the LoRA); prints the paths. Exit 2 with a
+    one-line error on a bad file or option."""
+    args = build_parser().parse_args(argv)
+    seeds = args.seed or [0]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compare and not args.lora:
+        raise fail("bilora-generate", ValueError("--compare needs --lora"))
+    out = Path(args.output_dir)
+    options = dict(
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative_prompt,
+    )
+    try:
+        pipe = load_pipeline(args.pretrained_model_name_or_path, DTYPES[args.dtype], device)
+        base_images = render(pipe, args.prompt, seeds, **options) if args.compare or not args.lora else None
+        lora_images = None
+        if args.lora:
+            file, fmt = apply_lora(pipe, args.lora)
+            lora_images = render(pipe, args.prompt, seeds, lora_scale=args.lora_scale, **options)
+    except (ExportError, ConfigError, KeyMapError, OSError, ValueError) as err:
+        raise fail("bilora-generate", err) from None
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    rows = []
+    for p, prompt in enumerate(args.prompt):
+        for s, seed in enumerate(seeds):
+            stem = f"{p:02d}_{_slug(prompt)}_seed{seed}"
+            info = {"prompt": prompt, "seed": seed, **{k: v for k, v in options.items() if v is not None}}
+            row = []
+            if base_images is not None:
+                name = f"{stem}_base.png" if lora_images is not None else f"{stem}.png"
+                written.append(_save(base_images[p][s], out / name, {**info, "lora": None}))
+                row.append(base_images[p][s])
+            if lora_images is not None:
+                lora_info = {**info, "lora": str(file), "lora_format": fmt, "lora_scale": args.lora_scale}
+                written.append(_save(lora_images[p][s], out / f"{stem}.png", lora_info))
+                row.append(lora_images[p][s])
+            rows.append(row)
+    if args.compare:
+        written.append(_save(grid(rows), out / "compare.png", {"columns": ["without LoRA", "with LoRA"]}))
+    for path in written:
+        print(path)
+    return 0
