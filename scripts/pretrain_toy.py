@@ -371,6 +371,33 @@ SWEEP = [(15, 5.0), (25, 3.0), (25, 5.0), (25, 7.5), (40, 5.0)]
 """(steps, guidance) pairs measured at export; the card reports all of them."""
 
 
+def _load_weights(components: dict, weights: dict[str, torch.Tensor]) -> None:
+    for key in ("unet", "text_encoder", "text_encoder_2"):
+        components[key].load_state_dict(
+            {n[len(key) + 1 :]: v for n, v in weights.items() if n.startswith(key + ".")}
+        )
+
+
+def select_export_weights(components: dict, vae: AutoencoderKL, opts: Options, work: Path) -> int:
+    """Load the better of the best-scored EMA and the last EMA into ``components``; return its step.
+
+    Both are scored again now, with the current analyzer, on prompts the training evaluations did not use:
+    the best-scored EMA was picked by the analyzer of the training run, which may since have changed.
+    """
+    last = sorted((work / "ckpt").glob("step_*"))[-1]
+    best_step = json.loads((last / "state.json").read_text())["best"]["step"]
+    candidates = {best_step: work / "best_ema.safetensors", int(last.name[5:]): last / "ema.safetensors"}
+    scores = {}
+    for step, path in candidates.items():
+        _load_weights(components, load_file(path))
+        pipe = make_pipeline(components, vae)
+        scores[step] = held_in_score(pipe, n=opts.eval_n, seed=opts.seed + 500).both
+        log(work, f"export: EMA at step {step} scores {scores[step]:.1%} (held-in, both)")
+    chosen = max(scores, key=lambda k: (scores[k], k))
+    _load_weights(components, load_file(candidates[chosen]))
+    return chosen
+
+
 def export(
     components: dict, vae: AutoencoderKL, opts: Options, work: Path, command: str, train_opts: dict
 ) -> None:
@@ -378,11 +405,8 @@ def export(
 
     ``command`` and ``train_opts`` describe the training run (not an --export-only rerun) for the card.
     """
-    weights = load_file(work / "best_ema.safetensors")
-    for key in ("unet", "text_encoder", "text_encoder_2"):
-        components[key].load_state_dict(
-            {n[len(key) + 1 :]: v for n, v in weights.items() if n.startswith(key + ".")}
-        )
+    vae_recon = vae_score(vae, opts)  # measured again: the analyzer may have changed since phase 1
+    best_step = select_export_weights(components, vae, opts, work)
     pipe = make_pipeline(components, vae)
     # fp16 halves the UNet and VAE on disk (the 20 MB budget); diffusers loads them back as float32.
     # The text encoders stay float32: transformers 5 would otherwise load them as fp16, slow on CPUs.
@@ -405,8 +429,11 @@ def export(
     report = {
         "command": command,
         "options": train_opts,
-        "vae": json.loads((work / "vae_report.json").read_text()),
-        "best": json.loads((sorted((work / "ckpt").glob("step_*"))[-1] / "state.json").read_text())["best"],
+        "vae": dict(
+            json.loads((work / "vae_report.json").read_text()), **dict(zip(("color", "shape"), vae_recon))
+        ),
+        "best": {"step": best_step},
+        "last_step": int(sorted((work / "ckpt").glob("step_*"))[-1].name[5:]),
         "sweep": rows,
         "size_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6,
     }
@@ -478,8 +505,9 @@ Seed {opts["seed"]}. Wall time about {_wall_minutes(work):.0f} minutes on 2 shar
    epsilon loss with min-SNR-{opts["min_snr_gamma"]:g} weights, batch {opts["unet_batch"]}, AdamW lr {opts["unet_lr"]:g}
    (no weight decay, so the unseen `purple` embedding stays as initialised), warmup and cosine decay,
    {opts["caption_dropout"]:.0%} caption dropout to zero embeddings (the pipeline's unconditional input,
-   `force_zeros_for_empty_prompt`), EMA {opts["ema_decay"]}. Shipped: the EMA at step {best["step"]}, the best
-   held-in score among the evaluations (every {opts["eval_every"]} steps, {opts["eval_n"]} prompts).
+   `force_zeros_for_empty_prompt`), EMA {opts["ema_decay"]}. Shipped: the EMA at step {best["step"]} of
+   {report["last_step"]}, the better on held-in prompts of the last EMA and the best-scored one among the
+   evaluations (every {opts["eval_every"]} steps, {opts["eval_n"]} prompts).
 3. Export: fp16 UNet/VAE, reloaded from disk and measured below.
 
 ## Measured (bilora_diffusion.toy.analyzer)

@@ -62,6 +62,14 @@ def test_demo_dataset_is_a_subset_of_combos() -> None:
     assert [(s[2].shape, s[2].color) for s in samples] == [combos[i % 2] for i in range(10)]
 
 
+def test_concept_split_partitions_the_shapes() -> None:
+    taught, unseen = world.concept_split(["circle"])
+    assert taught == [("circle", world.NEW_COLOR)]
+    assert unseen == [("square", world.NEW_COLOR), ("triangle", world.NEW_COLOR)]
+    with pytest.raises(ValueError):
+        world.concept_split(["hexagon"])
+
+
 def test_shipped_demo_data_matches_its_generator() -> None:
     folder = world.DEMO_DATA_DIR
     pngs = sorted(folder.glob("*.png"))

@@ -13,12 +13,13 @@ Method (for one 32x32 RGB image, uint8 or float in [0, 255]):
    shape), take the largest region again, and classify its geometry:
    - triangle when the top half of its bounding box holds much less mass than the bottom half
      (an upward triangle holds ~1/3 as much; circles and squares ~1),
-   - else square when its soft fill is > 0.895, circle otherwise (a disc fills ~0.79).
+   - else square when the shape covers more than 35 % of its bounding box's corners, the pixels wholly
+     outside the box's inscribed disc (a crisp disc covers 0 % of them, a crisp square 100 %).
 
-The soft fill is the shape's total coverage (each pixel's distance from the background as a fraction of
-the color's, in a window 2 pixels wider than the bounding box) over the bounding box's area. Blur moves
-coverage across the 50 % edge but keeps its sum, so a blurred disc keeps the fill of a disc; the plain
-thresholded fill of a blurred small disc reads up to 0.95 (its corners fill in) and overlaps squares'.
+Why corners and not the fill ratio of the bounding box: generated squares come out with slightly concave
+sides and blurred discs leak into their corners, so fill ratios of both meet around 0.8; the corners stay
+apart (blurred 8-pixel discs cover <= ~30 % of them, generated squares >= ~40 %). Coverage is each pixel's
+distance from the background as a fraction of the color's, floored at 10 % to ignore faint noise.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _PALETTE_RGB = np.array([PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float64)
 _MIN_FOREGROUND_DISTANCE = 60.0
 _MIN_REGION_PIXELS = 4
 _TRIANGLE_TOP_BOTTOM_RATIO = 0.6
-_SQUARE_FILL = 0.895
+_SQUARE_CORNERS = 0.35
 _COVERAGE_FLOOR = 0.1
 """Coverage below this fraction counts as background, so faint noise around a shape adds no mass."""
 
@@ -46,7 +47,7 @@ class Analysis:
 
     color: str
     shape: str
-    fill: float = 0.0
+    corners: float = 0.0
     top_bottom: float = 0.0
     pixels: int = 0
 
@@ -74,17 +75,26 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best_label if best_size else np.zeros_like(mask)
 
 
+def _inscribed_disc_coverage(h: int, w: int, supersample: int = 4) -> np.ndarray:
+    """(h, w) fraction of each pixel inside the ellipse inscribed in an h x w box."""
+    ys, xs = np.mgrid[0 : h * supersample, 0 : w * supersample].astype(np.float64) + 0.5
+    inside = (xs / (w * supersample) - 0.5) ** 2 + (ys / (h * supersample) - 0.5) ** 2 <= 0.25
+    return inside.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
+
+
 def _geometry(region: np.ndarray, coverage: np.ndarray) -> tuple[str, float, float]:
-    """(shape, soft fill, top-half mass / bottom-half mass) of a boolean region.
+    """(shape, corner coverage, top-half mass / bottom-half mass) of a boolean region.
 
     coverage: (H, W) in [0, 1], how much of each pixel the shape covers (1 inside a crisp shape).
     """
     ys, xs = np.nonzero(region)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    h, w = region.shape
-    window = coverage[max(y0 - 2, 0) : min(y1 + 2, h), max(x0 - 2, 0) : min(x1 + 2, w)]
-    fill = float(window.sum()) / ((y1 - y0) * (x1 - x0))
     box = region[y0:y1, x0:x1].astype(np.float64)
+    disc = _inscribed_disc_coverage(y1 - y0, x1 - x0)
+    corners_mask = disc <= 0.0
+    if not corners_mask.any():  # boxes under 3 pixels: take what is mostly outside
+        corners_mask = disc < 0.5
+    corners = float(coverage[y0:y1, x0:x1][corners_mask].mean()) if corners_mask.any() else 0.0
     rows = box.sum(axis=1)
     half = (y1 - y0) / 2.0
     centers = np.arange(y1 - y0) + 0.5
@@ -93,8 +103,8 @@ def _geometry(region: np.ndarray, coverage: np.ndarray) -> tuple[str, float, flo
     bottom = float(rows.sum() - top)
     top_bottom = top / max(bottom, 1e-9)
     if top_bottom < _TRIANGLE_TOP_BOTTOM_RATIO:
-        return "triangle", fill, top_bottom
-    return ("square" if fill > _SQUARE_FILL else "circle"), fill, top_bottom
+        return "triangle", corners, top_bottom
+    return ("square" if corners > _SQUARE_CORNERS else "circle"), corners, top_bottom
 
 
 def analyze(image: np.ndarray) -> Analysis:
@@ -116,8 +126,8 @@ def analyze(image: np.ndarray) -> Analysis:
     if region.sum() < _MIN_REGION_PIXELS:
         return Analysis(color, "none")
     coverage = np.clip((distance / full - _COVERAGE_FLOOR) / (1 - _COVERAGE_FLOOR), 0.0, 1.0)
-    shape, fill, top_bottom = _geometry(region, coverage)
-    return Analysis(color, shape, fill, top_bottom, int(region.sum()))
+    shape, corners, top_bottom = _geometry(region, coverage)
+    return Analysis(color, shape, corners, top_bottom, int(region.sum()))
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,19 @@ def new_concept_combos(shapes: Iterable[str] = SHAPES) -> list[tuple[str, str]]:
     return [(s, NEW_COLOR) for s in shapes]
 
 
+def concept_split(taught_shapes: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(taught, unseen) new-concept combinations for a generalization benchmark.
+
+    Teach ``NEW_COLOR`` on ``taught_shapes`` (make_demo_samples(combos=taught)) and test it on the other
+    shapes (evaluate.new_concept_score(shapes=...)): a fine-tune that generalizes draws purple there too.
+    """
+    unknown = set(taught_shapes) - set(SHAPES)
+    if unknown:
+        raise ValueError(f"unknown shapes {sorted(unknown)}; expected some of {SHAPES}")
+    rest = [s for s in SHAPES if s not in taught_shapes]
+    return new_concept_combos(taught_shapes), new_concept_combos(rest)
+
+
 def make_demo_samples(
     n: int = DEMO_SIZE,
     combos: Sequence[tuple[str, str]] | None = None,
