@@ -306,6 +306,11 @@ class TrainOptions:
             raise OptionError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
         if self.validation_steps < 1:
             raise OptionError(f"--validation_steps must be >= 1, got {self.validation_steps}")
+        if self.init_lora_weights in ("pissa", "olora"):
+            raise OptionError(
+                f"--init_lora_weights {self.init_lora_weights} rewrites the base weights at attach time: the "
+                "exported LoRA would not apply to the stock base model; use default, gaussian or orthogonal"
+            )
         if self.max_nonfinite_steps < 1:
             raise OptionError("--max_nonfinite_steps must be >= 1")
         if self.method in ("lora-sam", "flat-lora") and self.mixed_precision == "fp16":

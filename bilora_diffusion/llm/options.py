@@ -16,10 +16,8 @@ from .data import PromptFormat
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """Every linear projection of attention and MLP in the Llama family (also Mistral, Qwen 2/2.5/3, Gemma)."""
 
+
 # Inits that rewrite W0 when the adapter is attached: the exported adapter would not apply to the stock base.
-_W0_REWRITING_INITS = ("pissa", "olora")
-
-
 @dataclass
 class FormatOptions:
     """How a data row is rendered into a prompt and a response (training and evaluation alike)."""
@@ -117,8 +115,3 @@ class LLMOptions(TrainOptions, FormatOptions):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OptionError(f"--{name} must be >= 1, got {value}")
-        if self.init_lora_weights in _W0_REWRITING_INITS:
-            raise OptionError(
-                f"--init_lora_weights {self.init_lora_weights} rewrites the base weights at attach time: the "
-                "exported adapter would not apply to the stock base model; use default, gaussian or orthogonal"
-            )

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import asdict
 
 import torch
 
 from ..adapters import attach_bilora, aux_disabled, unwrap
+from ..checkpoint import check_free_space
 from ..data import DataError, assign_bucket, epoch_batches, load_records
 from ..options import OptionError
 from ..training import (
@@ -348,25 +350,24 @@ class SDXLTrainer(Trainer):
                     save_before_after(self)
 
     def export(self) -> None:
-        from ..export import export_lora
+        """The primary branch as the LoRA files users take away (diffusers and/or kohya format)."""
+        from ..export import export_lora, training_metadata
 
         o = self.opt
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[o.save_dtype]
-        metadata = {
-            "bilora_method": o.method,
-            "bilora_rho": str(o.rho),
-            "bilora_aux_rank": str(self.configs["unet"].aux_rank),
-            "ss_base_model": str(o.pretrained_model_name_or_path),
-            "ss_steps": str(self.global_step),
-            "ss_dataset": str(o.dataset or o.dataset_name or o.train_data_dir),
-        }
+        unet_config = self.configs["unet"]
+        resolved = {**asdict(o), "aux_rank": unet_config.aux_rank, "aux_alpha": unet_config.aux_alpha}
+        metadata = {**training_metadata(resolved), "ss_steps": str(self.global_step)}
         components = {name: unwrap(m) for name, m in self.trained.items()}
+        check_free_space(
+            self.output_dir,
+            4 * sum(p.numel() * 4 for m in components.values() for p in m.parameters() if p.requires_grad),
+        )
         export_lora(
             self.output_dir,
             components,
             self.configs,
             format=o.export_format,
-            save_dtype=dtype,
+            save_dtype=o.save_dtype,
             metadata=metadata,
             output_name=o.output_name,
         )
