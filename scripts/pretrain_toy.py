@@ -526,6 +526,16 @@ Recommended inference: 32x32 (the default), 25 Euler steps, guidance 5.0
 """
 
 
+def command_line(opts: Options) -> str:
+    """The command that reproduces ``opts`` (only the non-default options)."""
+    changed = [
+        (k, v)
+        for k, v in asdict(opts).items()
+        if k == "seed" or (v != getattr(Options(), k) and k != "export_only")
+    ]
+    return "python scripts/pretrain_toy.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed)
+
+
 def main() -> None:
     opts = parse_options()
     torch.manual_seed(opts.seed)
@@ -533,21 +543,19 @@ def main() -> None:
     work = Path(opts.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "options.json"
-    if saved.exists() and json.loads(saved.read_text())["seed"] != opts.seed:
-        log(work, "WARNING: resuming with a different seed than the run in this work dir")
-    saved.write_text(json.dumps(asdict(opts), indent=2))
-    command = "python scripts/pretrain_toy.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in asdict(opts).items() if v != getattr(Options(), k)
-    )
+    if opts.export_only:
+        # The card must show the training run's command and options, not this re-export's.
+        train_opts = json.loads(saved.read_text())
+        command = command_line(Options(**train_opts))
+    else:
+        if saved.exists() and json.loads(saved.read_text())["seed"] != opts.seed:
+            log(work, "WARNING: resuming with a different seed than the run in this work dir")
+        saved.write_text(json.dumps(asdict(opts), indent=2))
+        train_opts, command = asdict(opts), command_line(opts)
     components = build_toy_components(ToyModelConfig(), seed=opts.seed)
     vae = train_vae(components["vae"], opts, work)
     vae.eval().requires_grad_(False)
-    train_opts = asdict(opts)
-    if opts.export_only:
-        # The card must show the training command and options, not this re-export's.
-        previous = json.loads((work / "export_report.json").read_text())
-        command, train_opts = previous["command"], previous["options"]
-    else:
+    if not opts.export_only:
         train_unet(components, vae, opts, work)
     export(components, vae, opts, work, command, train_opts)
 
