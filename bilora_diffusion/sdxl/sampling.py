@@ -14,8 +14,13 @@ from ..adapters import adapters_disabled, unwrap
 
 
 def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
-    """Rows of equally sized images in one picture, with an optional label strip on the left."""
+    """Rows of equally sized images in one picture, with an optional label strip on the left. Images under
+    128 px (the toy model's 32 px) are enlarged with nearest-neighbour so a person can see them."""
     w, h = rows[0][0].size
+    zoom = max(1, -(-128 // max(w, h)))
+    if zoom > 1:
+        rows = [[im.resize((w * zoom, h * zoom), Image.Resampling.NEAREST) for im in row] for row in rows]
+        w, h = w * zoom, h * zoom
     label_w = 0 if not labels else max(64, 7 * max(len(s) for s in labels))
     grid = Image.new("RGB", (label_w + w * max(len(r) for r in rows), h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
@@ -81,8 +86,9 @@ def save_validation_grid(trainer, step: int) -> Path:
     return path
 
 
-def save_before_after(trainer) -> Path:
-    """samples/before_after.png: for each prompt, the base model's images above the LoRA's, same seeds."""
+def save_before_after(trainer) -> tuple[Path, list[list[Image.Image]], list[list[Image.Image]]]:
+    """samples/before_after.png: for each prompt, the base model's images above the LoRA's, same seeds.
+    Returns the path and the images (rows per prompt) before and after."""
     o = trainer.opt
     models = list(trainer.trained.values())
     with adapters_disabled(models):
@@ -97,4 +103,4 @@ def save_before_after(trainer) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     _log_image(trainer, "before_after", grid, trainer.global_step)
-    return path
+    return path, before, after

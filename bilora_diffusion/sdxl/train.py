@@ -10,6 +10,7 @@ import logging
 import math
 import random
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ from ..training import (
 from .cache import LatentCache, TextEmbeddingCache, model_identity, plan_geometry
 from .loss import MicroBatch, denoising_loss, draw_noise, prediction_target
 from .models import encode_prompt, load_components, tokenize
-from .options import SDXLOptions
+from .options import TOY_MODEL, SDXLOptions
 from .sampling import save_before_after, save_validation_grid
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,10 @@ class SDXLTrainer(Trainer):
             with aux_disabled(list(self.trained.values())):
                 save_validation_grid(self, self.global_step)
                 if self.opt.compare_grid:
-                    save_before_after(self)
+                    path, before, after = save_before_after(self)
+                    logger.info("before/after grid: %s", path)
+                    if Path(self.opt.pretrained_model_name_or_path).resolve() == Path(TOY_MODEL).resolve():
+                        report_toy_concept(self.opt.validation_prompt, before, after)
 
     def export(self) -> None:
         """The primary branch as the LoRA files users take away (diffusers and/or kohya format)."""
@@ -371,6 +375,30 @@ class SDXLTrainer(Trainer):
             metadata=metadata,
             output_name=o.output_name,
         )
+
+
+def report_toy_concept(prompts: list[str], before: list, after: list) -> dict[str, float]:
+    """On the embedded toy model, the toy analyzer says whether the samples show the prompted color and shape,
+    without and with the LoRA (the demo's "did it learn the concept" check)."""
+    import numpy as np
+
+    from ..toy.analyzer import analyze
+
+    scores = {}
+    for name, rows in (("before", before), ("after", after)):
+        hits = total = 0
+        for prompt, images in zip(prompts, rows):
+            for image in images:
+                found = analyze(np.asarray(image))
+                hits += found.color in prompt.split() and found.shape in prompt.split()
+                total += 1
+        scores[name] = hits / max(total, 1)
+    logger.info(
+        "toy analyzer: %.0f%% of the samples show the prompted color and shape without the LoRA, %.0f%% with it",
+        100 * scores["before"],
+        100 * scores["after"],
+    )
+    return scores
 
 
 def train(options: SDXLOptions) -> RunResult:
