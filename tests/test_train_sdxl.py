@@ -364,3 +364,20 @@ def test_validation_loss_is_fixed_and_taken_without_the_auxiliary_branch(
     with aux_disabled(unet):
         assert real() == pytest.approx(again, rel=1e-6)
     assert with_aux != pytest.approx(again, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_config_trains_on_the_embedded_model(tmp_path):
+    """configs/demo.yaml (what `train_sdxl.py` runs with no arguments), shortened: the shipped toy model and demo
+    data load offline, train, export and write the before/after grid."""
+    opts = parse_options(
+        SDXLOptions,
+        ["--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(tmp_path / "demo"),
+         "--max_train_steps", "3", "--validation_prompt", "a large purple circle on a white background, center",
+         "--num_validation_images", "1", "--validation_inference_steps", "2", "--report_to", "none"],
+    )  # fmt: skip
+    assert opts.pretrained_model_name_or_path.endswith("sdxl-tiny") and opts.dataset.endswith("demo_data")
+    result = train(opts)
+    assert result.global_step == 3
+    for name in ("pytorch_lora_weights.safetensors", "bilora_sdxl.safetensors", "samples/before_after.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
