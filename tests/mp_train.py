@@ -24,10 +24,7 @@ def main() -> None:
     torch.set_num_threads(1)
     report_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     trainer = SDXLTrainer(parse_options(SDXLOptions, argv))
-    trainer.setup_data()
-    trainer.setup_models()
-    trainer.setup_caches()
-    trainer.setup_training()
+    trainer.setup()
     result = trainer.train()
     unet = unwrap(trainer.models["unet"])
     digest = hashlib.sha256()

@@ -169,10 +169,7 @@ def test_bucketing_gives_real_sizes_and_crops_in_time_ids(tiny_sdxl_dir, tmp_pat
         train_batch_size=1,
     )
     trainer = SDXLTrainer(opts)
-    trainer.setup_data()
-    trainer.setup_models()
-    trainer.setup_caches()
-    trainer.setup_training()
+    trainer.setup()
     by_key = {Path(r.key).stem: i for i, r in enumerate(trainer.records)}
     wide = trainer.make_batch([by_key["wide"]], 0, 0, 0)
     # 160x80 (2:1) at 128²: the 64-multiple bucket closest in aspect is 192x64; resized to cover it: 192x96,
@@ -198,10 +195,7 @@ def test_second_run_hits_the_caches_and_gives_the_same_losses(tiny_sdxl_dir, ima
             caption_dropout=0.3,
         )
         trainer = SDXLTrainer(opts)
-        trainer.setup_data()
-        trainer.setup_models()
-        trainer.setup_caches()
-        trainer.setup_training()
+        trainer.setup()
         runs.append(
             (trainer.latents.hits, trainer.latents.misses, trainer.text_cache.hits, trainer.train().losses)
         )
