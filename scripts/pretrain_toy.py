@@ -70,6 +70,9 @@ class Options:
     export_n: int = 180
     export_only: bool = False
     """Skip training: re-export the best EMA found in --work-dir (and rewrite the model card)."""
+    unet_stop: int = 0
+    """Stop the UNet phase after this step (0: at unet_steps), keeping the lr schedule of unet_steps: the
+    clock-free way to reproduce a run that --max-minutes stopped."""
     max_minutes: float = 0.0
     """Stop the UNet phase after this many minutes of this process (0: no limit) and export the best."""
 
@@ -344,7 +347,9 @@ def train_unet(components: dict, vae: AutoencoderKL, opts: Options, work: Path) 
                 f"UNet step {step} loss {np.mean(losses[-50:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"({(time.time() - start) / 60:.1f} min)",
             )
-        out_of_time = opts.max_minutes > 0 and time.time() - start > 60 * opts.max_minutes
+        out_of_time = (opts.max_minutes > 0 and time.time() - start > 60 * opts.max_minutes) or (
+            0 < opts.unet_stop <= step
+        )
         if step % opts.eval_every == 0 or step == opts.unet_steps or out_of_time:
             result = evaluate_ema(tr, pipe, opts)
             log(work, f"UNet step {step}: EMA held-in analyzer {result}")
@@ -353,7 +358,7 @@ def train_unet(components: dict, vae: AutoencoderKL, opts: Options, work: Path) 
                 save_file({k: v.contiguous() for k, v in tr.ema.items()}, work / "best_ema.safetensors")
             save_checkpoint(tr, opt, step, best, work)
         if out_of_time:
-            log(work, f"UNet: stopping at step {step}, --max-minutes reached")
+            log(work, f"UNet: stopping at step {step} (--max-minutes or --unet-stop)")
             break
 
 
@@ -416,7 +421,7 @@ def export(
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    shipped = StableDiffusionXLPipeline.from_pretrained(out, torch_dtype=torch.float32, local_files_only=True)
+    shipped = StableDiffusionXLPipeline.from_pretrained(out, dtype=torch.float32, local_files_only=True)
     shipped.set_progress_bar_config(disable=True)
     rows = []
     for steps, guidance in SWEEP:
@@ -476,9 +481,11 @@ but no pretraining caption or image of the UNet and text encoders contains it.
 
 ```python
 from diffusers import StableDiffusionXLPipeline
+
 pipe = StableDiffusionXLPipeline.from_pretrained("bilora_diffusion/toy/sdxl-tiny")  # offline, float32
-image = pipe("a large red circle on a white background, top left",
-             num_inference_steps=25, guidance_scale=5.0).images[0]  # 32x32
+image = pipe(
+    "a large red circle on a white background, top left", num_inference_steps=25, guidance_scale=5.0
+).images[0]  # 32x32
 ```
 
 ## Components

@@ -166,12 +166,13 @@ def test_shipped_model_loads_offline_as_diffusers_sdxl(shipped_pipe) -> None:
 def test_shipped_model_draws_held_in_prompts(shipped_pipe) -> None:
     from bilora_diffusion.toy.evaluate import held_in_score
 
-    result = held_in_score(shipped_pipe, n=36, seed=3)
-    assert result.color >= 0.6 and result.shape >= 0.6, result
+    # 15 steps instead of 25 keeps this test fast; the model card measures 99.4 % there (n=180).
+    result = held_in_score(shipped_pipe, n=24, seed=3, steps=15)
+    assert result.color >= 0.8 and result.shape >= 0.8, result
 
 
 def test_shipped_model_does_not_know_the_new_concept(shipped_pipe) -> None:
     from bilora_diffusion.toy.evaluate import new_concept_score
 
-    result = new_concept_score(shipped_pipe, n=24, seed=3)
+    result = new_concept_score(shipped_pipe, n=12, seed=3, steps=15)
     assert result.color <= 0.25, result

@@ -194,7 +194,7 @@ def load_toy_pipeline(
     path: str | Path = TOY_MODEL_DIR, dtype: torch.dtype = torch.float32
 ) -> StableDiffusionXLPipeline:
     """Load the shipped tiny SDXL offline. float32 by default: the CPU has no fast fp16 kernels."""
-    return StableDiffusionXLPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    return StableDiffusionXLPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
 
 
 def encode_prompt_ids(
