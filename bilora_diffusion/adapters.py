@@ -92,6 +92,10 @@ def attach_bilora(model: nn.Module, config: BiLoRAConfig) -> nn.Module:
         # Layer-level set_adapter takes a list (PeftModel.set_adapter takes one name) and marks exactly these
         # adapters trainable.
         layer.set_adapter(branches)
+    if config.fused and config.aux_rank:
+        from .fused import enable_fused  # fused.py imports this module
+
+        enable_fused(model)
     return model
 
 

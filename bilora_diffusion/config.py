@@ -65,6 +65,13 @@ class BiLoRAConfig:
     """Learning rate of the auxiliary (ascent) group. None = the primary learning rate (paper: eta2 = eta1)."""
     aux_weight_decay: float = 0.0
     """Weight decay of the auxiliary group (the primary group uses the optimizer's own weight decay)."""
+    fused: bool = True
+    """Compute both branches of a layer in one low-rank product (`bilora_diffusion.fused`):
+    ``y = W0·x + ((x·[A1; A2]ᵀ) ⊙ v)·[B1, B2]ᵀ`` with ``v = [s1]*r1 + [s2]*r2``; the same parameters,
+    gradients, optimizer and export as PEFT's two-adapter forward, at about the cost of one adapter.
+    Applies to Linear and Conv2d LoRA layers; a layer runs PEFT's own forward whenever that cannot be fused
+    exactly: auxiliary branch disabled (validation, sampling), adapters disabled or merged, a DoRA primary,
+    dropout > 0, a LoRA bias, other layer types. False = always PEFT's forward."""
 
     def __post_init__(self) -> None:
         if self.aux_rank is None:

@@ -1,0 +1,305 @@
+"""The fused fast path equals PEFT's two-adapter forward: outputs, every adapter gradient, one optimizer step;
+and it steps aside (PEFT's forward) wherever it cannot be exact."""
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from bilora_diffusion import (
+    AUX,
+    PRIMARY,
+    BiLoRAConfig,
+    attach_bilora,
+    aux_disabled,
+    bilora_layers,
+    build_optimizer,
+)
+from bilora_diffusion.adapters import adapters_disabled
+from bilora_diffusion.fused import can_fuse, disable_fused, enable_fused, is_fused
+
+
+def randomize(model: nn.Module, scale: float = 0.3, seed: int = 1) -> None:
+    """Every adapter weight random (PEFT starts B at zero, which would hide B-side errors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def linear_config(**kw) -> BiLoRAConfig:
+    # s1 = 1.5 and s2 = 5/3 differ: the per-rank scale vector path.
+    return BiLoRAConfig(
+        **{"rank": 2, "alpha": 3.0, "aux_rank": 3, "aux_alpha": 5.0, "target_modules": ["0", "2"], **kw}
+    )
+
+
+def twin_models(
+    build: Callable[[], nn.Module], config: BiLoRAConfig, scale: float = 0.3
+) -> tuple[nn.Module, nn.Module]:
+    """(PEFT two-adapter model, fused model) with identical weights, adapters random with std ``scale``."""
+    reference = attach_bilora(build(), BiLoRAConfig(**{**config.to_dict(), "fused": False}))
+    fused = attach_bilora(build(), BiLoRAConfig(**{**config.to_dict(), "fused": True}))
+    randomize(reference, scale)
+    fused.load_state_dict(reference.state_dict())
+    assert not any(is_fused(m) for m in reference.modules())
+    assert all(is_fused(layer) for layer in bilora_layers(fused))
+    return reference, fused
+
+
+def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def assert_all_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float) -> None:
+    """Elementwise within rtol, with an absolute floor of rtol times the largest entry over all tensors (some
+    gradients are all rounding noise, e.g. a last layer's k_proj in a text encoder read at the penultimate
+    layer)."""
+    assert set(got) == set(want)
+    floor = rtol * max(float(t.detach().abs().max()) for t in want.values())
+    for name, t in want.items():
+        torch.testing.assert_close(got[name].detach(), t.detach(), rtol=rtol, atol=floor, msg=name)
+
+
+def assert_same_output_grads_and_step(
+    reference: nn.Module,
+    fused: nn.Module,
+    loss_fn: Callable[[nn.Module], torch.Tensor],
+    config: BiLoRAConfig,
+    rtol: float = 1e-5,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD,
+) -> None:
+    """Forward, the gradient of every adapter tensor, and one bilora step (with the global clip).
+
+    The step defaults to SGD, which maps gradients linearly to the update: Adam's first step is lr·sign(g),
+    which turns the float32 rounding of near-zero gradients into lr-sized differences (AdamW is checked on
+    the MLP and in float64)."""
+    losses = [loss_fn(m) for m in (reference, fused)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=rtol, atol=0.0)
+    for loss in losses:
+        loss.backward()
+    ref_grads, fused_grads = adapter_grads(reference), adapter_grads(fused)
+    assert any(f".{AUX}." in n for n in ref_grads)
+    assert all(float(g.abs().max()) > 0 for g in ref_grads.values())
+    assert_all_close(fused_grads, ref_grads, rtol)
+    for model in (reference, fused):
+        model.zero_grad(set_to_none=True)
+        opt = build_optimizer(model, config, method="bilora", optimizer_cls=optimizer_cls, lr=1e-2)
+        opt.step(lambda model=model: loss_fn(model).backward())
+        assert opt.last_aux_norm == pytest.approx(config.rho)  # the global clip engaged
+    assert_all_close(dict(fused.named_parameters()), dict(reference.named_parameters()), rtol)
+
+
+# -- equality with the two-adapter path -----------------------------------------------------------------
+def test_fused_equals_two_adapters_on_mlp():
+    config = linear_config()
+    reference, fused = twin_models(mlp, config)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    loss_fn = lambda m: F.mse_loss(m(x), y)  # noqa: E731
+    assert_same_output_grads_and_step(reference, fused, loss_fn, config, optimizer_cls=torch.optim.AdamW)
+
+
+def unet_loss(model: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An SDXL-style denoising MSE on fixed random inputs (latents [2, 4, 16, 16], 7 text tokens)."""
+    gen = torch.Generator().manual_seed(3)
+    sample = torch.randn(2, 4, 16, 16, generator=gen)
+    hidden = torch.randn(2, 7, model.config.cross_attention_dim, generator=gen)
+    added = {
+        "text_embeds": torch.randn(2, 32, generator=gen),
+        "time_ids": torch.rand(2, 6, generator=gen) * 64,
+    }
+    added = {k: v.to(dtype) for k, v in added.items()}
+    out = model(sample.to(dtype), torch.tensor([10, 500]), hidden.to(dtype), added_cond_kwargs=added).sample
+    return F.mse_loss(out, torch.randn(out.shape, generator=gen).to(dtype))
+
+
+@pytest.mark.parametrize(
+    "dtype,rtol,optimizer_cls",
+    [(torch.float32, 1e-5, torch.optim.SGD), (torch.float64, 1e-10, torch.optim.AdamW)],
+)
+def test_fused_equals_two_adapters_on_tiny_unet_linear_and_conv(dtype, rtol, optimizer_cls):
+    """float32 at rtol 1e-5 and float64 at 1e-10: the two paths differ only by rounding. Adapter std 0.1: at 0.3
+    this random UNet is so ill-conditioned that float32 rounding alone moves some gradients by 0.4 %."""
+    from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
+
+    # Attention projections (Linear) and the resnets' 3x3 convolutions (Conv2d); s1 = s2 (the GEMM-alpha path).
+    config = BiLoRAConfig(
+        rank=2, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    )
+    build = lambda: tiny_sdxl_components("dummy", seed=0)["unet"].to(dtype)  # noqa: E731
+    reference, fused = twin_models(build, config, scale=0.1)
+    layer_types = {type(layer.get_base_layer()) for layer in bilora_layers(fused)}
+    assert layer_types == {nn.Linear, nn.Conv2d}
+    assert_same_output_grads_and_step(
+        reference, fused, lambda m: unet_loss(m, dtype), config, rtol, optimizer_cls
+    )
+
+
+def test_fused_equals_two_adapters_on_clip_text_encoder():
+    from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
+
+    config = BiLoRAConfig(
+        rank=4, alpha=4, aux_rank=2, aux_alpha=3, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    reference, fused = twin_models(lambda: tiny_sdxl_components("dummy", seed=0)["text_encoder_2"], config)
+    ids = torch.randint(2, 40, (2, 77), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        out = m(ids, output_hidden_states=True)
+        return out.hidden_states[-2].square().mean() + out.text_embeds.square().mean()
+
+    assert_same_output_grads_and_step(reference, fused, loss_fn, config)
+
+
+def test_half_precision_base_matches_peft_rounding():
+    """bf16 frozen weights with float32 adapters (the trainer's setting), without and with autocast."""
+    config = linear_config()
+    reference, fused = twin_models(lambda: mlp().to(torch.bfloat16), config)
+    x = torch.randn(16, 6, dtype=torch.bfloat16)
+    for m in (reference, fused):
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    out, ref = fused(x), reference(x)  # adapters added in float32, then cast back to the base dtype (PEFT)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(x), reference(x)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+# -- fallbacks ------------------------------------------------------------------------------------------
+def test_aux_disabled_equals_primary_only_model_with_fused_on():
+    model = attach_bilora(mlp(), linear_config())
+    randomize(model)
+    primary_only = attach_bilora(mlp(), linear_config(aux_rank=0))
+    primary_only.load_state_dict({k: v for k, v in model.state_dict().items() if AUX not in k})
+    assert all(is_fused(layer) for layer in bilora_layers(model))
+    assert not any(is_fused(m) for m in primary_only.modules())  # no auxiliary branch: nothing to fuse
+    x = torch.randn(4, 6)
+    with aux_disabled(model):
+        torch.testing.assert_close(model(x), primary_only(x))
+    with adapters_disabled(model):
+        base = nn.Sequential(*[getattr(layer, "base_layer", layer) for layer in model])
+        torch.testing.assert_close(model(x), base(x))
+    assert not torch.allclose(model(x), primary_only(x))
+
+
+def test_dropout_falls_back_to_peft_forward():
+    """Each branch draws its own dropout mask in PEFT, so with dropout > 0 the layer must not fuse: under the
+    same RNG state the fused-on model reproduces the two-adapter model bitwise."""
+    reference, fused = twin_models(mlp, linear_config(dropout=0.5))
+    x = torch.randn(16, 6)
+    outs = []
+    for m in (reference, fused):
+        torch.manual_seed(7)
+        outs.append(m(x))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_merged_and_dora_fall_back():
+    config = linear_config()
+    reference, fused = twin_models(mlp, config)
+    x = torch.randn(5, 6)
+    expected = reference(x).detach()
+    for layer in bilora_layers(fused):
+        layer.merge(adapter_names=[PRIMARY, AUX])
+    torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)
+    # A DoRA primary: the layer keeps PEFT's forward.
+    model = mlp()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], use_dora=True), model, adapter_name=PRIMARY)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), model, adapter_name=AUX)
+    assert not can_fuse(model[0]) and enable_fused(model) == 0
+
+
+def test_enable_disable_and_deepcopy():
+    model = attach_bilora(mlp(), linear_config())
+    randomize(model)
+    x = torch.randn(4, 6)
+    fused_out = model(x).detach()
+    assert enable_fused(model) == 2  # idempotent
+    assert disable_fused(model) == 2 and not any(is_fused(m) for m in model.modules())
+    torch.testing.assert_close(model(x), fused_out, rtol=1e-5, atol=1e-6)
+    assert enable_fused(model) == 2
+    clone = copy.deepcopy(model)  # the bound forward follows the copy, not the original
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if AUX in name:
+                p.zero_()
+    with aux_disabled(model):
+        primary = model(x).detach()
+    torch.testing.assert_close(clone(x), primary, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x), fused_out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_config_flag_controls_installation(fused):
+    model = attach_bilora(mlp(), linear_config(fused=fused))
+    assert all(is_fused(layer) == fused for layer in bilora_layers(model))
+
+
+# -- the update side: batched clip, foreach norms, foreach AdamW ----------------------------------------------
+def test_batched_pair_norms_and_clip_equal_the_optimizer_loop():
+    from bilora_diffusion.adapters import branch_pairs, pair_sq_norms
+    from bilora_diffusion.fused import clip_aux_, pair_sq_norms_batched
+    from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
+
+    # Several shapes: attention projections of two widths, cross-attention keys, text-encoder projections.
+    config = BiLoRAConfig(
+        rank=2, alpha=4, aux_rank=3, aux_alpha=2, rho=0.05, target_modules=["to_q", "to_k", "to_v", "q_proj"]
+    )
+    comps = tiny_sdxl_components("dummy", seed=0)
+    models = nn.ModuleList(
+        [attach_bilora(comps[k], config) for k in ("unet", "text_encoder", "text_encoder_2")]
+    )
+    randomize(models, scale=0.1)
+    pairs = branch_pairs(list(models), AUX)
+    assert len({(p.A.shape, p.B.shape) for p in pairs}) > 2
+    torch.testing.assert_close(pair_sq_norms_batched(pairs), pair_sq_norms(pairs), rtol=1e-6, atol=0.0)
+    for mode in ("global", "layer"):
+        ref, fast = copy.deepcopy(models), copy.deepcopy(models)
+        opt = build_optimizer(list(ref), BiLoRAConfig(**{**config.to_dict(), "clip": mode}), lr=0.0)
+        with torch.no_grad():  # as inside optimizer.step
+            opt._clip_aux()
+        norm = clip_aux_(branch_pairs(list(fast), AUX), config.rho, mode)
+        assert norm == pytest.approx(opt.last_aux_norm, rel=1e-6)
+        fast_params = dict(fast.named_parameters())
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(fast_params[name], p, rtol=1e-6, atol=0.0, msg=name)
+
+
+def test_foreach_grad_norm_and_adamw_implementations_equal_the_loops():
+    """`fused.grad_norm` equals the per-parameter loop of `BiLoRAOptimizer._clip_grads`; AdamW's foreach and
+    fused implementations (both off by default on CPU; foreach is CUDA's default) give the same bilora steps
+    as its single-tensor one, ascent (maximize) included."""
+    from bilora_diffusion.fused import grad_norm
+
+    config = linear_config()
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    models = []
+    for impl in ({}, {"foreach": True}, {"fused": True}):
+        model = attach_bilora(mlp(), config)
+        randomize(model)
+        opt = build_optimizer(model, config, lr=1e-2, max_grad_norm=1.0, **impl)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(lambda model=model: F.mse_loss(model(x), y).backward())
+        params = [p for g in opt.param_groups for p in g["params"]]
+        loop = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))
+        torch.testing.assert_close(grad_norm(params), loop, rtol=1e-6, atol=0.0)
+        models.append(dict(model.named_parameters()))
+    for other in models[1:]:
+        for name, p in models[0].items():
+            torch.testing.assert_close(other[name], p, rtol=1e-6, atol=1e-8, msg=name)
