@@ -21,13 +21,16 @@ weights, another set of active adapters (e.g. inside ``aux_disabled``: only "def
 or variant keyword arguments, a LoRA variant (DoRA), LoRA dropout > 0 (each branch draws its own mask), a
 LoRA bias, grouped convolutions, and every other layer type (embeddings, bitsandbytes layers, ...).
 
-The fast path is installed per instance (a bound ``forward`` on each layer), so nothing global is patched;
-`disable_fused` removes it.
+The fast path is installed per instance (a ``forward`` attribute on each layer), so nothing global is
+patched; `disable_fused` removes it.
+
+The module also holds the optimizer-side counterparts, tested equal to `BiLoRAOptimizer`'s loops:
+`pair_sq_norms_batched` and `clip_aux_` (the auxiliary clip from one batched Gram computation per shape
+group, and one foreach scaling) and `grad_norm` (one foreach norm per device and dtype).
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Sequence
 
 import torch
@@ -160,7 +163,7 @@ def fused_delta_conv2d(
 
 
 def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Bound as ``layer.forward`` by `enable_fused`: the fused computation when the per-call conditions hold,
+    """``layer.forward`` once `enable_fused` ran: the fused computation when the per-call conditions hold,
     PEFT's own forward otherwise."""
     adapters = self.__dict__[FUSED_ATTR]
     if not _fusable_now(self, adapters, kwargs):
@@ -171,6 +174,17 @@ def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.T
     if type(self) is LoraLinear:
         return fused_delta_linear(self, x, result, adapters)
     return fused_delta_conv2d(self, x, result, adapters)
+
+
+class _FusedForward:
+    """The layer's ``forward`` while fused: a module-level callable holding its layer, so that a fused model
+    still pickles (``torch.save(model)``) and deep-copies (the copy calls its own layer)."""
+
+    def __init__(self, layer: LoraLayer) -> None:
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return _fused_forward(self.layer, x, *args, **kwargs)
 
 
 def enable_fused(model: ModelOrModels, adapters: Sequence[str] = (PRIMARY, AUX)) -> int:
@@ -187,7 +201,7 @@ def enable_fused(model: ModelOrModels, adapters: Sequence[str] = (PRIMARY, AUX))
         for layer in root.modules():
             if isinstance(layer, LoraLayer) and can_fuse(layer, adapters):
                 layer.__dict__[FUSED_ATTR] = adapters
-                layer.forward = types.MethodType(_fused_forward, layer)
+                layer.forward = _FusedForward(layer)
                 count += 1
     return count
 

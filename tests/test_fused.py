@@ -2,6 +2,7 @@
 and it steps aside (PEFT's forward) wherever it cannot be exact."""
 
 import copy
+import io
 from collections.abc import Callable
 
 import pytest
@@ -224,7 +225,7 @@ def test_merged_and_dora_fall_back():
     assert not can_fuse(model[0]) and enable_fused(model) == 0
 
 
-def test_enable_disable_and_deepcopy():
+def test_enable_disable_deepcopy_and_pickle():
     model = attach_bilora(mlp(), linear_config())
     randomize(model)
     x = torch.randn(4, 6)
@@ -242,6 +243,12 @@ def test_enable_disable_and_deepcopy():
         primary = model(x).detach()
     torch.testing.assert_close(clone(x), primary, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model(x), fused_out)
+    buffer = io.BytesIO()  # a whole fused model pickles and loads, still fused
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert all(is_fused(layer) for layer in bilora_layers(loaded))
+    torch.testing.assert_close(loaded(x), fused_out)
 
 
 @pytest.mark.parametrize("fused", [False, True])
