@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # "modules that should be kept in float32: []" x14
@@ -46,7 +45,7 @@ from torch import nn
 from bilora_diffusion.adapters import attach_bilora, bilora_layers
 from bilora_diffusion.config import AUX, PRIMARY
 from bilora_diffusion.fused import clip_aux_, disable_fused, enable_fused, is_fused
-from bilora_diffusion.sdxl.loss import denoising_loss, draw_noise, prediction_target
+from bilora_diffusion.sdxl.loss import MicroBatch, draw_noise, micro_batch_loss
 from bilora_diffusion.sdxl.models import encode_prompt, tokenize
 from bilora_diffusion.sdxl.options import SDXLOptions
 from bilora_diffusion.sdxl.tiny import local_clip_tokenizer
@@ -189,19 +188,6 @@ def build_components(
 
 
 # -- one variant's training step ------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    """One micro-batch as the trainer builds it: latents, SDXL time ids, captions, noise and timesteps."""
-
-    latents: torch.Tensor  # [B, 4, h, w]
-    time_ids: torch.Tensor  # [B, 6]
-    captions: list[str]
-    noise: torch.Tensor
-    timesteps: torch.Tensor  # [B]
-    prompt_embeds: torch.Tensor | None = None  # cached (frozen text encoders)
-    pooled: torch.Tensor | None = None
-
-
 CLOCK = time.perf_counter
 """The step clock: wall time on a GPU (after a synchronize); on a CPU the process's CPU time (one torch
 thread: the step's own compute, not the time other jobs held the core), set by `main`."""
@@ -267,30 +253,13 @@ class Runner:
         self.step_fn = TimedMethodStep(accelerator, self.optimizer, list(trained.values()))
         self.dtype = next(self.unet.parameters()).dtype
 
-    def loss(self, mb: Batch) -> torch.Tensor:
-        """`SDXLTrainer.loss` on this process's device (minus caption dropout, which the benchmark has none of)."""
-        acc, device = self.accelerator, self.accelerator.device
-        latents, noise, timesteps = mb.latents.to(device), mb.noise.to(device), mb.timesteps.to(device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        if mb.prompt_embeds is not None:
-            embeds, pooled = mb.prompt_embeds.to(device), mb.pooled.to(device)
-        else:
-            with acc.autocast():
-                embeds, pooled = encode_prompt(self.encoders, tokenize(self.tokenizers, mb.captions))
-        with acc.autocast():
-            pred = self.unet(
-                noisy.to(self.dtype),
-                timesteps,
-                embeds.to(self.dtype),
-                added_cond_kwargs={
-                    "text_embeds": pooled.to(self.dtype),
-                    "time_ids": mb.time_ids.to(device, self.dtype),
-                },
-            ).sample
-        target = prediction_target(self.scheduler, latents, noise, timesteps, "epsilon")
-        return denoising_loss(pred, target, self.scheduler, timesteps, None, "epsilon")
+    def loss(self, mb: MicroBatch) -> torch.Tensor:
+        """The trainer's own SDXL loss (`bilora_diffusion.sdxl.loss.micro_batch_loss`) on this device."""
+        return micro_batch_loss(
+            mb, self.unet, self.scheduler, self.encoders, self.tokenizers, self.accelerator, self.dtype
+        )
 
-    def step(self, mb: Batch) -> tuple[float, float]:
+    def step(self, mb: MicroBatch) -> tuple[float, float]:
         """One optimizer step; returns (time by `CLOCK`, wall time) in seconds."""
         _sync()
         start, wall = CLOCK(), time.perf_counter()
@@ -316,7 +285,7 @@ def fast_update(optimizer) -> None:
     optimizer._clip_aux = clip_aux
 
 
-def make_batches(args: argparse.Namespace, comps: dict, count: int) -> list[Batch]:
+def make_batches(args: argparse.Namespace, comps: dict, count: int) -> list[MicroBatch]:
     """``count`` micro-batches, deterministic; text embeddings cached when the text encoders are frozen."""
     side = args.resolution // 8
     gen = torch.Generator().manual_seed(1234)
@@ -327,7 +296,9 @@ def make_batches(args: argparse.Namespace, comps: dict, count: int) -> list[Batc
         r = args.resolution
         time_ids = torch.tensor([[r, r, 0, 0, r, r]] * args.batch_size, dtype=torch.float32)
         captions = ["a photo of a small red cube on a table"] * args.batch_size
-        batches.append(Batch(latents, time_ids, captions, noise, timesteps))
+        batches.append(
+            MicroBatch(latents, time_ids, captions, ["benchmark"] * args.batch_size, noise, timesteps)
+        )
     if not args.train_text_encoder:
         with torch.no_grad():
             embeds, pooled = encode_prompt(

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from .models import encode_prompt, tokenize
+
 
 @dataclass
 class MicroBatch:
@@ -63,3 +65,38 @@ def denoising_loss(
     weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     return (loss.mean(dim=list(range(1, loss.ndim))) * weights.to(loss.device)).mean()
+
+
+def micro_batch_loss(
+    mb: MicroBatch,
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    text_encoders: list[torch.nn.Module],
+    tokenizers: list,
+    accelerator,
+    dtype: torch.dtype,
+    prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The SDXL loss of one micro-batch, as the trainer (and the step-cost benchmark) computes it: noise the
+    latents, condition on cached or freshly encoded prompts (dropped captions = zero embeddings), predict,
+    compare with the target."""
+    device = accelerator.device
+    latents, noise, timesteps = mb.latents.to(device), mb.noise.to(device), mb.timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if mb.prompt_embeds is not None:
+        embeds, pooled = mb.prompt_embeds.to(device), mb.pooled.to(device)
+    else:
+        with accelerator.autocast():
+            embeds, pooled = encode_prompt(text_encoders, tokenize(tokenizers, mb.captions))
+        keep = torch.tensor([bool(t) for t in mb.captions], device=device, dtype=embeds.dtype)
+        embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
+    with accelerator.autocast():
+        pred = unet(
+            noisy.to(dtype),
+            timesteps,
+            embeds.to(dtype),
+            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": mb.time_ids.to(device, dtype)},
+        ).sample
+    target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
+    return denoising_loss(pred, target, scheduler, timesteps, snr_gamma, prediction_type)

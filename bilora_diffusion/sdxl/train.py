@@ -28,8 +28,8 @@ from ..training import (
     weight_dtype,
 )
 from .cache import LatentCache, TextEmbeddingCache, model_identity, plan_geometry
-from .loss import MicroBatch, denoising_loss, draw_noise, prediction_target
-from .models import encode_prompt, load_components, tokenize
+from .loss import MicroBatch, draw_noise, micro_batch_loss
+from .models import load_components
 from .options import TOY_MODEL, SDXLOptions
 from .sampling import save_before_after, save_validation_grid
 
@@ -276,36 +276,18 @@ class SDXLTrainer(Trainer):
 
     # -- the loss -------------------------------------------------------------------------------------
     def loss(self, mb: MicroBatch) -> torch.Tensor:
-        acc, c = self.accelerator, self.c
-        device = acc.device
-        latents, noise = mb.latents.to(device), mb.noise.to(device)
-        timesteps = mb.timesteps.to(device)
-        noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
-        if mb.prompt_embeds is not None:
-            embeds, pooled = mb.prompt_embeds.to(device), mb.pooled.to(device)
-        else:
-            encoders = [
-                self.models.get("text_encoder", c.text_encoder),
-                self.models.get("text_encoder_2", c.text_encoder_2),
-            ]
-            with acc.autocast():
-                embeds, pooled = encode_prompt(encoders, tokenize(c.tokenizers, mb.captions))
-            keep = torch.tensor([bool(t) for t in mb.captions], device=device, dtype=embeds.dtype)
-            embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
-        unet = self.models["unet"]
-        with acc.autocast():
-            pred = unet(
-                noisy.to(self.dtype),
-                timesteps,
-                embeds.to(self.dtype),
-                added_cond_kwargs={
-                    "text_embeds": pooled.to(self.dtype),
-                    "time_ids": mb.time_ids.to(device, self.dtype),
-                },
-            ).sample
-        target = prediction_target(c.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        return denoising_loss(
-            pred, target, c.noise_scheduler, timesteps, self.opt.snr_gamma, self.prediction_type
+        c = self.c
+        encoders = [self.models.get(n, getattr(c, n)) for n in ("text_encoder", "text_encoder_2")]
+        return micro_batch_loss(
+            mb,
+            self.models["unet"],
+            c.noise_scheduler,
+            encoders,
+            c.tokenizers,
+            self.accelerator,
+            self.dtype,
+            self.prediction_type,
+            self.opt.snr_gamma,
         )
 
     def batch_keys(self, mb: MicroBatch) -> list[str]:
