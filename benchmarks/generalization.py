@@ -1,0 +1,657 @@
+"""Generalization benchmark on the toy shapes world: teach a new color on some shapes, test it on the others.
+
+The task (few-shot concept learning with held-out combinations):
+
+- teach ``purple`` (never seen in pretraining) from ``--n_train`` images of purple circles and squares;
+- test on purple **triangles** (never in the fine-tuning data): does the new color transfer to another shape?
+- measure forgetting on the held-in colors (red ... blue on every shape).
+
+Every method (lora, bilora, dual-descent, lora-sam, flat-lora) trains with the toolkit's own trainer
+(``SDXLTrainer``: setup(), train(), as ``train_sdxl.py`` runs it), the same data, the same number of optimizer
+steps, the same hyper-parameters except rho, for several seeds; lora-sam spends two forward/backward passes per
+step (reported). After training, with the auxiliary branch disabled (what users get):
+
+(a) denoising loss at fixed noise and timesteps (min-SNR-weighted epsilon loss, the training loss) on images of
+    the unseen combinations, of fresh taught combinations and of held-in combinations;
+(b) prompt adherence of images generated for held-out prompts (and held-in / taught ones), read by the toy
+    analyzer: color, shape, both;
+(c) full-space sharpness of the exported weights ``W' = W0 + s1·B1·A1`` of the adapted layers on the training
+    set: ``S(r) = mean_k [L(W' + r·d_k) - L(W')]`` over random filter-normalized Gaussian directions d_k
+    (`bilora_diffusion.landscape.sharpness`).
+
+    python benchmarks/generalization.py            # full: 5 methods x 3 seeds
+    python benchmarks/generalization.py --quick    # 1 seed, fewer steps and samples, same code path
+    python benchmarks/generalization.py --sweep_rho 0.01 0.05 0.25  # rho sweep: bilora, lora-sam; 1 seed
+
+Writes benchmarks/results/generalization{,_quick}.{json,md,png} (and the sweep's generalization_rho_sweep.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("lora", "bilora", "dual-descent", "lora-sam", "flat-lora")
+PASSES_PER_STEP = {"lora": 1, "bilora": 1, "dual-descent": 1, "lora-sam": 2, "flat-lora": 1}
+TAUGHT_SHAPES = ("circle", "square")
+
+
+@dataclass
+class Settings:
+    """Everything a benchmark run depends on (saved in the JSON)."""
+
+    model: str = ""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    steps: int = 200
+    batch: int = 8
+    lr: float = 3e-3
+    rank: int = 4
+    alpha: float = 4.0
+    rho: dict[str, float] = field(
+        default_factory=lambda: {"bilora": 1.0, "dual-descent": 1.0, "lora-sam": 0.25, "flat-lora": 0.25}
+    )
+    """Chosen by the rho sweep (RESULTS.md): per method the largest swept value whose training loss stays
+    within 5 % of LoRA's, i.e. the strongest perturbation that does not stop the fit (test metrics unused)."""
+    snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    n_train: int = 16
+    n_loss_images: int = 24
+    loss_draws: int = 2
+    n_gen_unseen: int = 72
+    n_gen_taught: int = 12
+    n_gen_held_in: int = 18
+    inference_steps: int = 25
+    guidance: float = 5.0
+    radii: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    sharp_directions: int = 6
+    landscape: bool = True
+    threads: int = 1
+
+
+QUICK = {
+    "seeds": [0],
+    "steps": 30,
+    "n_loss_images": 12,
+    "n_gen_unseen": 12,
+    "n_gen_taught": 6,
+    "n_gen_held_in": 6,
+    "inference_steps": 15,
+    "sharp_directions": 2,
+    "radii": [0.25, 1.0],
+    "landscape": False,
+}
+SWEEP = {
+    "seeds": [0],
+    "n_loss_images": 12,
+    "n_gen_unseen": 36,
+    "n_gen_taught": 6,
+    "n_gen_held_in": 18,
+    "inference_steps": 15,
+    "sharp_directions": 2,
+    "landscape": False,
+}
+"""The rho sweep's budget: the full run's training (steps, lr), one seed and the quick run's evaluation sizes
+(a few more held-out prompts)."""
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def write_data(work: Path, s: Settings) -> dict[str, Path]:
+    """Kohya folders: the few-shot training set and the three loss-evaluation sets (fixed seeds)."""
+    from bilora_diffusion.toy.world import (
+        concept_split,
+        held_in_combos,
+        make_demo_samples,
+        make_samples,
+        write_kohya_folder,
+    )
+
+    taught, unseen = concept_split(TAUGHT_SHAPES)
+    sets = {
+        "train": make_demo_samples(s.n_train, combos=taught, seed=101),
+        "unseen": make_demo_samples(s.n_loss_images, combos=unseen, seed=202),
+        "taught": make_demo_samples(s.n_loss_images, combos=taught, seed=303),
+        "held_in": make_samples(s.n_loss_images, seed=404, combos=held_in_combos()),
+    }
+    folders = {}
+    for name, samples in sets.items():
+        folder = work / "data" / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folders[name] = write_kohya_folder(samples, folder)
+    return folders
+
+
+def prompt_sets(s: Settings) -> dict[str, list]:
+    """(caption, spec) prompts for adherence, balanced over each set's combinations, fixed seeds."""
+    from bilora_diffusion.toy.world import concept_split, eval_prompts
+
+    taught, unseen = concept_split(TAUGHT_SHAPES)
+    return {
+        "unseen": eval_prompts(s.n_gen_unseen, seed=11, combos=unseen),
+        "taught": eval_prompts(s.n_gen_taught, seed=12, combos=taught),
+        "held_in": eval_prompts(s.n_gen_held_in, seed=13),
+    }
+
+
+# -- one run ------------------------------------------------------------------------------------------------------
+def trainer_options(s: Settings, method: str, seed: int, data: Path, out: Path, cache: Path):
+    """The SDXL trainer's options for one run, built from its own command-line flags."""
+    from bilora_diffusion.options import parse_options
+    from bilora_diffusion.sdxl.options import SDXLOptions
+
+    never = str(10 * s.steps + 1)
+    flags = {
+        "pretrained_model_name_or_path": s.model,
+        "dataset": data,
+        "output_dir": out,
+        "cache_dir": cache,
+        "resolution": 32,
+        "train_batch_size": s.batch,
+        "max_train_steps": s.steps,
+        "learning_rate": s.lr,
+        "lr_scheduler": "constant",
+        "method": method,
+        "rank": s.rank,
+        "lora_alpha": s.alpha,
+        "rho": s.rho.get(method, 0.05),
+        "seed": seed,
+        "snr_gamma": s.snr_gamma,
+        "caption_dropout": s.caption_dropout,
+        "mixed_precision": "no",
+        "report_to": "none",
+        "export_format": "diffusers",
+        "save_dtype": "fp32",
+        "checkpointing_steps": never,
+        "validation_steps": never,
+        "compare_grid": "false",
+    }
+    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    return parse_options(SDXLOptions, argv)
+
+
+def timed(fn, *args, **kwargs):
+    """(result, wall seconds, process CPU seconds) of ``fn(*args, **kwargs)``."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def train_one(s: Settings, method: str, seed: int, folders: dict, work: Path):
+    """Train one method with the toolkit's trainer; returns (trainer, RunResult, wall s, CPU s)."""
+    from bilora_diffusion.sdxl.train import SDXLTrainer
+
+    options = trainer_options(
+        s, method, seed, folders["train"], work / "runs" / f"{method}-s{seed}", work / "cache"
+    )
+
+    def run():
+        trainer = SDXLTrainer(options)  # what SDXLTrainer.run / train_sdxl.py do, keeping the trainer
+        trainer.setup()
+        return trainer, trainer.train()
+
+    (trainer, result), wall, cpu = timed(run)
+    return trainer, result, wall, cpu
+
+
+def evaluate(trainer, s: Settings, folders: dict, prompts: dict, base: bool = False) -> dict:
+    """Losses (a), adherence (b) and, unless ``base``, sharpness (c) of a trained trainer; the auxiliary branch
+    is off throughout; ``base=True`` evaluates W0 alone (adapters disabled)."""
+    import contextlib
+
+    from bilora_diffusion.adapters import adapters_disabled, aux_disabled
+    from bilora_diffusion.data import load_records
+    from bilora_diffusion.landscape import adapted_layers, fixed_batches, loss_function, sharpness
+    from bilora_diffusion.sdxl.sampling import build_pipeline
+    from bilora_diffusion.toy.evaluate import evaluate_prompts
+
+    models = list(trainer.trained.values())
+    for m in models:
+        m.eval()
+    off = adapters_disabled(models) if base else contextlib.nullcontext()
+    out: dict = {"loss": {}, "adherence": {}}
+    train_batches = fixed_batches(trainer, draws=s.loss_draws)
+    with off:
+        out["loss"]["train"] = loss_function(trainer, train_batches)()
+        for name in ("unseen", "taught", "held_in"):
+            records = load_records(str(folders[name])).records
+            batches = fixed_batches(trainer, records, draws=s.loss_draws, seed=4321)
+            out["loss"][name] = loss_function(trainer, batches)()
+        pipe = build_pipeline(trainer)
+        with aux_disabled(models):
+            for name, specs in prompts.items():
+                if specs:
+                    score = evaluate_prompts(
+                        pipe, specs, seed=0, steps=s.inference_steps, guidance=s.guidance
+                    )
+                    out["adherence"][name] = {"color": score.color, "shape": score.shape, "both": score.both}
+    if not base:
+        layers = adapted_layers(trainer.trained)
+        out["sharpness"] = sharpness(
+            loss_function(trainer, train_batches), layers, s.radii, s.sharp_directions, seed=777
+        )
+    return out
+
+
+def landscape_of(trainer, s: Settings) -> dict:
+    """1-D loss curves and 2-D surfaces around the trained adapter, full-space and LoRA-subspace directions
+    (training set, the same random directions for every method)."""
+    from bilora_diffusion.landscape import adapted_layers, fixed_batches, landscape, loss_function
+
+    loss_fn = loss_function(trainer, fixed_batches(trainer, draws=s.loss_draws))
+    layers = adapted_layers(trainer.trained)
+    return landscape(loss_fn, layers, points=13, n_directions=2, grid="2d", grid_points=9, seed=99)
+
+
+# -- the benchmark ------------------------------------------------------------------------------------------------
+def run_benchmark(
+    s: Settings, work: Path, out_json: Path, command: str = "", with_base: bool = True, log=print
+) -> dict:
+    """Every (seed, method) run, interleaved seed by seed; the JSON is rewritten after each run. The base
+    model (adapters disabled) is evaluated once, on the first trainer, when ``with_base``."""
+    torch.set_num_threads(s.threads)
+    folders = write_data(work, s)
+    prompts = prompt_sets(s)
+    report: dict = {"meta": meta(s, command), "base": None, "runs": [], "landscape": {}}
+    start = time.perf_counter()
+    for seed in s.seeds:
+        for method in s.methods:
+            trainer, result, wall, cpu = train_one(s, method, seed, folders, work)
+            if with_base and report["base"] is None:
+                report["base"] = evaluate(trainer, s, folders, prompts, base=True)
+                log(f"base model: {brief(report['base'])}")
+            evaluation, eval_wall, eval_cpu = timed(evaluate, trainer, s, folders, prompts)
+            run = {
+                "method": method,
+                "seed": seed,
+                "rho": s.rho.get(method),
+                "steps": result.global_step,
+                "passes": result.global_step * PASSES_PER_STEP[method],
+                "train_wall_s": wall,
+                "train_cpu_s": cpu,
+                "eval_wall_s": eval_wall,
+                "eval_cpu_s": eval_cpu,
+                "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+                "aux_norm": trainer.optimizer.last_aux_norm,
+                **evaluation,
+            }
+            if s.landscape and seed == s.seeds[0]:
+                report["landscape"][method] = landscape_of(trainer, s)
+            report["runs"].append(run)
+            elapsed = (time.perf_counter() - start) / 60
+            log(
+                f"[{elapsed:5.1f} min] {method} seed {seed}: train {wall:.0f}s, eval {eval_wall:.0f}s; {brief(run)}"
+            )
+            del trainer
+            gc.collect()
+            report["summary"] = summarize(report["runs"], s)
+            report["meta"]["wall_minutes"] = elapsed
+            report["meta"]["cpu_minutes"] = time.process_time() / 60
+            out_json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def brief(ev: dict) -> str:
+    a = ev["adherence"].get("unseen", {})
+    h = ev["adherence"].get("held_in", {})
+    text = (
+        f"unseen loss {ev['loss']['unseen']:.4f}, unseen color/shape/both {a.get('color', 0):.0%}/"
+        f"{a.get('shape', 0):.0%}/{a.get('both', 0):.0%}, held-in both {h.get('both', 0):.0%}"
+    )
+    if "sharpness" in ev:
+        text += ", S(r) " + " ".join(f"{v:.4f}" for v in ev["sharpness"]["mean"].values())
+    return text
+
+
+def meta(s: Settings, command: str) -> dict:
+    import diffusers
+    import peft
+
+    return {
+        "command": command,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores visible, torch threads {s.threads}",
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "peft": peft.__version__,
+        },
+        "settings": asdict(s),
+        "task": f"teach purple on {list(TAUGHT_SHAPES)}; held out: purple triangle; forgetting: held-in colors",
+        "model_fingerprint": fingerprint(Path(s.model)),
+    }
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 (first 16 hex digits) of the base model's weight files, to tell which model a result is from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# -- summary, table, figure -----------------------------------------------------------------------------------------
+def metrics_of(run: dict) -> dict[str, float]:
+    """Flat {metric name: value} of one run (the table's and the figure's columns)."""
+    out = {f"loss_{k}": v for k, v in run["loss"].items()}
+    for name, score in run["adherence"].items():
+        out.update({f"{name}_{k}": v for k, v in score.items()})
+    for r, v in run.get("sharpness", {}).get("mean", {}).items():
+        out[f"sharp_{r}"] = v
+    for key in ("passes", "train_wall_s", "train_cpu_s", "final_train_loss", "aux_norm"):
+        if key in run:
+            out[key] = run[key]
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def summarize(runs: list[dict], s: Settings) -> dict[str, dict[str, list[float]]]:
+    """{method: {metric: [mean, std, n]}} over seeds."""
+    out = {}
+    for method in s.methods:
+        rows = [metrics_of(r) for r in runs if r["method"] == method]
+        if rows:
+            out[method] = {k: [*mean_std([r[k] for r in rows]), len(rows)] for k in rows[0]}
+    return out
+
+
+COLUMNS = [
+    ("loss_unseen", "held-out loss ↓", 4, False),
+    ("unseen_color", "held-out color ↑", 0, True),
+    ("unseen_shape", "held-out shape ↑", 0, True),
+    ("unseen_both", "held-out both ↑", 0, True),
+    ("taught_color", "taught color", 0, True),
+    ("loss_taught", "taught loss", 4, False),
+    ("held_in_both", "held-in both", 0, True),
+    ("loss_held_in", "held-in loss", 4, False),
+    ("loss_train", "train loss", 4, False),
+]
+
+
+def table(report: dict) -> str:
+    """The Markdown table: mean ± std over seeds, one row per method, plus the base model."""
+    s = report["meta"]["settings"]
+    sharp = [(f"sharp_{r}", f"S({r}) ↓", 4, False) for r in s["radii"]]
+    cols = [*COLUMNS, *sharp]
+    head = "| method | steps | fwd/bwd passes | " + " | ".join(c[1] for c in cols) + " | train CPU s |"
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    base = metrics_of(report["base"]) if report.get("base") else {}
+    if base:
+        cells = [_fmt(base.get(k), None, d, pct) if k in base else "–" for k, _, d, pct in cols]
+        lines.append("| base (no fine-tuning) | 0 | 0 | " + " | ".join(cells) + " | – |")
+    for method, stats in report.get("summary", {}).items():
+        cells = [_fmt(*stats[k][:2], d, pct) if k in stats else "–" for k, _, d, pct in cols]
+        n = stats["passes"][2]
+        steps = int(stats["passes"][0] / PASSES_PER_STEP[method])
+        lines.append(
+            f"| {method} (n={n}) | {steps} | {stats['passes'][0]:.0f} | "
+            + " | ".join(cells)
+            + f" | {stats['train_cpu_s'][0]:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(mean: float | None, std: float | None, digits: int, pct: bool) -> str:
+    if mean is None:
+        return "–"
+    if pct:
+        return f"{100 * mean:.0f}" + (f" ± {100 * std:.0f}" if std is not None else "") + " %"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def figure(report: dict, path: Path) -> Path:
+    """Mean ± std over seeds: held-out loss, held-out adherence (color / shape / both), held-in adherence
+    (forgetting) and sharpness S(r) against the radius; dashed lines: the base model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, methods = report["summary"], list(report["summary"])
+    base = metrics_of(report["base"]) if report.get("base") else {}
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.0))
+    x = list(range(len(methods)))
+    _bars(axes[0], summary, methods, ["loss_unseen"], 1.0, base, zoom=True)
+    axes[0].set_title("held-out (purple triangle) loss ↓" + _base_note(base, "loss_unseen", 1.0), fontsize=9)
+    _bars(axes[1], summary, methods, ["unseen_color", "unseen_shape", "unseen_both"], 100.0, base)
+    axes[1].set_title("held-out prompts (purple triangle): % right ↑", fontsize=9)
+    _bars(axes[2], summary, methods, ["held_in_color", "held_in_both", "taught_color"], 100.0, base)
+    axes[2].set_title("held-in prompts (forgetting) and taught color: % right", fontsize=9)
+    for ax in axes[:3]:
+        ax.set_xticks(x, methods, rotation=30, fontsize=8)
+    ax = axes[3]
+    radii = report["meta"]["settings"]["radii"]
+    for m in methods:
+        means = [summary[m][f"sharp_{r}"][0] for r in radii]
+        stds = [summary[m][f"sharp_{r}"][1] for r in radii]
+        ax.errorbar(radii, means, yerr=stds, marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1e-4)  # small radii can give tiny negative increases
+    ax.set_xlabel("radius r (filter-normalized)")
+    ax.set_title("sharpness S(r) of W0 + s1·B1A1, training set ↓", fontsize=9)
+    ax.legend(fontsize=7)
+    n = max(v["passes"][2] for v in summary.values())
+    fig.suptitle(
+        f"Toy shapes world: purple taught on circle + square, tested on triangle ({n} seed(s) per method)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(
+    ax, summary: dict, methods: list, keys: list[str], k: float, base: dict, zoom: bool = False
+) -> None:
+    """Grouped bars of ``keys`` per method (scaled by k), error bars = std over seeds, base as dashed lines."""
+    width = 0.8 / len(keys)
+    lo, hi = math.inf, -math.inf
+    for j, key in enumerate(keys):
+        means = [k * summary[m][key][0] for m in methods]
+        stds = [k * summary[m][key][1] for m in methods]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(methods))]
+        bars = ax.bar(
+            xs, means, width, yerr=stds, capsize=2, alpha=0.85, label=key if len(keys) > 1 else None
+        )
+        if key in base and not zoom:
+            ax.axhline(k * base[key], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+        lo = min(lo, *(m - s for m, s in zip(means, stds)))
+        hi = max(hi, *(m + s for m, s in zip(means, stds)))
+    if zoom:  # differences between methods are small next to the loss itself
+        pad = 0.25 * (hi - lo + 1e-9)
+        ax.set_ylim(lo - pad, hi + pad)
+    if len(keys) > 1:
+        ax.legend(fontsize=7)
+
+
+def _base_note(base: dict, key: str, k: float) -> str:
+    return f"\n(base model: {k * base[key]:.4f})" if key in base else ""
+
+
+def _at(stem: Path, suffix: str) -> Path:
+    """``stem`` + suffix (not Path.with_suffix, which would eat a tag like "rho0.25")."""
+    return stem.parent / (stem.name + suffix)
+
+
+def write_outputs(report: dict, stem: Path) -> None:
+    """stem.json (already written), stem.md (table + settings) and stem.png; landscape_toy* if computed."""
+    m = report["meta"]
+    text = [
+        f"# Generalization benchmark ({stem.name})",
+        "",
+        f"Command: `{m['command']}`  ",
+        f"Date: {m['date_utc']}; machine: {m['machine']}; wall {m.get('wall_minutes', 0):.1f} min, "
+        f"CPU {m.get('cpu_minutes', 0):.1f} min.  ",
+        f"Task: {m['task']}.  ",
+        f"Settings: `{json.dumps(m['settings'])}`",
+        "",
+        table(report),
+        "",
+    ]
+    _at(stem, ".md").write_text("\n".join(text))
+    figure(report, _at(stem, ".png"))
+    if report.get("landscape"):
+        from bilora_diffusion.landscape import plot
+
+        land = stem.parent / stem.name.replace("generalization", "landscape_toy")
+        plot(report["landscape"], _at(land, ".png"), title="Toy task, seed 0: loss on the training set")
+        _at(land, ".json").write_text(json.dumps(report["landscape"], indent=1))
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, fewer steps and samples (same code path).")
+    p.add_argument("--model", default=None, help="Base model folder (default: the shipped toy model).")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    p.add_argument("--seeds", type=int, default=None, help="Number of seeds (0, 1, ...).")
+    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every method.")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--rho", nargs="+", default=None, metavar="METHOD=RHO", help="e.g. bilora=0.01 lora-sam=0.05"
+    )
+    p.add_argument("--sweep_rho", nargs="+", type=float, default=None, help="rho values to sweep (1 seed).")
+    p.add_argument("--sweep_methods", nargs="+", choices=METHODS, default=["bilora", "lora-sam", "flat-lora"])
+    p.add_argument("--no_landscape", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine).")
+    p.add_argument(
+        "--work", default="/tmp/bilora_generalization", help="Scratch folder (runs, data, caches)."
+    )
+    p.add_argument("--out", default=str(RESULTS), help="Folder of the results.")
+    p.add_argument("--tag", default=None, help="Suffix of the result files (default: quick / none).")
+    p.add_argument("--verbose", action="store_true", help="Show the trainer's progress bars.")
+    p.add_argument(
+        "--replot", default=None, metavar="JSON", help="Rewrite the .md/.png of a finished run's JSON."
+    )
+    return p.parse_args(argv)
+
+
+def quiet_progress_bars() -> None:
+    """The trainer's and the caches' tqdm bars off (they pass ``disable=`` themselves, so TQDM_DISABLE is
+    not enough); the benchmark logs one line per run instead."""
+    from bilora_diffusion import training
+    from bilora_diffusion.sdxl import cache
+
+    for module in (training, cache):
+        original = module.tqdm
+        module.tqdm = lambda *a, _tqdm=original, **k: _tqdm(*a, **{**k, "disable": True})
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    from bilora_diffusion.toy.model import TOY_MODEL_DIR
+
+    s = Settings(model=args.model or str(TOY_MODEL_DIR), threads=args.threads)
+    if args.quick:
+        s = replace(s, **QUICK)
+    if args.sweep_rho:
+        s = replace(s, **SWEEP)
+    if args.methods:
+        s.methods = list(args.methods)
+    if args.seeds is not None:
+        s.seeds = list(range(args.seeds))
+    if args.steps is not None:
+        s.steps = args.steps
+    if args.lr is not None:
+        s.lr = args.lr
+    for item in args.rho or []:
+        method, _, value = item.partition("=")
+        s.rho[method] = float(value)
+    if args.no_landscape:
+        s.landscape = False
+    return s
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if not args.verbose:
+        quiet_progress_bars()
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        write_outputs(report, Path(args.replot[: -len(".json")]))
+        return report
+    s = settings_from(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    if args.sweep_rho:
+        return sweep(s, args, work, out, command(argv))
+    tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
+    stem = out / ("generalization" + (f"_{tag}" if tag else ""))
+    report = run_benchmark(s, work, _at(stem, ".json"), command(argv))
+    write_outputs(report, stem)
+    print(table(report))
+    print(f"wrote {stem}.json/.md/.png")
+    return report
+
+
+def command(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python benchmarks/generalization.py", *args])
+
+
+def sweep(s: Settings, args: argparse.Namespace, work: Path, out: Path, cmd: str) -> dict:
+    """rho sweep of ``--sweep_methods`` (plus a lora reference), one seed, the SWEEP budget."""
+    s = replace(s, landscape=False, methods=["lora"], seeds=s.seeds[:1])
+    stem = out / ("generalization_rho_sweep" + (f"_{args.tag}" if args.tag else ""))
+    report = run_benchmark(s, work, _at(stem, ".json"), cmd)
+    runs = [dict(r, label="lora") for r in report["runs"]]
+    for rho in args.sweep_rho:
+        for method in args.sweep_methods:
+            sub = replace(s, methods=[method], rho={**s.rho, method: rho})
+            part = run_benchmark(sub, work, stem.with_name(stem.name + "_part.json"), cmd, with_base=False)
+            runs += [dict(r, label=f"{method} rho={rho}") for r in part["runs"]]
+            report["runs"] = runs
+            _at(stem, ".json").write_text(json.dumps(report, indent=1))
+    stem.with_name(stem.name + "_part.json").unlink(missing_ok=True)
+    lines = [
+        "| run | held-out loss | held-out color | held-out both | held-in both | train loss | aux norm | "
+        + " | ".join(f"S({r})" for r in s.radii)
+        + " |",
+        "|" + "---|" * (7 + len(s.radii)),
+    ]
+    for r in runs:
+        a, h = r["adherence"]["unseen"], r["adherence"]["held_in"]
+        sharp = " | ".join(f"{v:.4f}" for v in r["sharpness"]["mean"].values())
+        lines.append(
+            f"| {r['label']} | {r['loss']['unseen']:.4f} | {a['color']:.0%} | {a['both']:.0%} | {h['both']:.0%} "
+            f"| {r['loss']['train']:.4f} | {r['aux_norm']:.4f} | {sharp} |"
+        )
+    m = report["meta"]
+    head = [
+        f"# rho sweep\n\nCommand: `{m['command']}`; {m['date_utc']}; {m['machine']}.  ",
+        f"Settings: `{json.dumps(m['settings'])}`\n",
+    ]
+    _at(stem, ".md").write_text("\n".join(head + lines) + "\n")
+    print("\n".join(lines))
+    return report
+
+
+if __name__ == "__main__":
+    main()

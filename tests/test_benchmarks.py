@@ -1,0 +1,146 @@
+"""The benchmark measures: filter normalization, sharpness, the landscape tool, the generalization machinery."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bilora_diffusion.adapters import attach_bilora, lora_pair
+from bilora_diffusion.config import PRIMARY, BiLoRAConfig
+from bilora_diffusion.landscape import (
+    adapted_layers,
+    curve_1d,
+    filter_normalize,
+    merged_weight,
+    random_direction,
+    sharpness,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_mlp(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 2-layer MLP with Bi-LoRA on both Linear layers, B1 moved off zero, and data it fits exactly
+    (targets = its own outputs), so W' is a minimum of the loss."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    attach_bilora(model, BiLoRAConfig(rank=2, alpha=4.0, target_modules=["0", "2"], fused=False))
+    with torch.no_grad():
+        for layer in adapted_layers({"m": model}).values():
+            lora_pair(layer, PRIMARY).B_param.normal_(0, 0.1)
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        y = model(x)
+    return model, x, y
+
+
+def mlp_loss(model, x, y):
+    def loss() -> float:
+        with torch.no_grad():
+            return float(((model(x) - y) ** 2).mean())
+
+    return loss
+
+
+def test_filter_normalize_matches_hand_computation():
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # row norms 5 and 1
+    d = torch.tensor([[1.0, 0.0], [2.0, 2.0]])  # row norms 1 and 2·sqrt(2)
+    expected = torch.tensor([[5.0, 0.0], [1 / math.sqrt(2), 1 / math.sqrt(2)]])
+    assert torch.allclose(filter_normalize(d, w), expected, atol=1e-6)
+    # a conv weight [out, in, kh, kw]: one filter per output channel
+    wc, dc = w.reshape(2, 1, 1, 2), d.reshape(2, 1, 1, 2)
+    assert torch.allclose(filter_normalize(dc, wc), expected.reshape(2, 1, 1, 2), atol=1e-6)
+
+
+def test_full_direction_is_filter_normalized_against_the_merged_weight_of_one_layer():
+    model, _, _ = tiny_mlp()
+    layers = adapted_layers({"m": model})
+    first = next(iter(layers.values()))
+    pair = lora_pair(first, PRIMARY)
+    # by hand: W' = W0 + s·B·A, d = N(0, I) from the seed, d_i <- d_i · ||W'_i|| / ||d_i||
+    w_merged = first.get_base_layer().weight + pair.scale * pair.B @ pair.A
+    assert torch.allclose(merged_weight(first), w_merged, atol=1e-6)
+    raw = torch.randn(w_merged.shape, generator=torch.Generator().manual_seed(5))
+    by_hand = torch.stack([raw[i] * w_merged[i].norm() / raw[i].norm() for i in range(raw.shape[0])])
+    direction = random_direction(layers, "full", seed=5)
+    assert direction.targets[0] is first.get_base_layer().weight
+    assert torch.allclose(direction.deltas[0], by_hand.detach(), atol=1e-5)
+    assert torch.allclose(direction.deltas[0].norm(dim=1), w_merged.norm(dim=1).detach(), rtol=1e-5)
+
+
+def test_sharpness_is_zero_at_radius_zero_grows_with_radius_and_restores_weights():
+    model, x, y = tiny_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = adapted_layers({"m": model})
+    result = sharpness(mlp_loss(model, x, y), layers, [0.0, 0.05, 0.2, 0.5], n_directions=3, seed=1)
+    mean = result["mean"]
+    assert result["increase"]["0.0"] == [0.0, 0.0, 0.0]  # exactly: the weights are restored bitwise
+    assert 0.0 < mean["0.05"] < mean["0.2"] < mean["0.5"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_curve_at_zero_equals_the_unperturbed_loss_in_both_spaces():
+    model, x, y = tiny_mlp()
+    with torch.no_grad():
+        y = y + 0.1 * torch.randn_like(y)  # away from the minimum: a non-zero loss
+    loss = mlp_loss(model, x, y)
+    layers = adapted_layers({"m": model})
+    for space in ("full", "lora"):
+        curve = curve_1d(loss, random_direction(layers, space, seed=3), [-0.3, 0.0, 0.3])
+        assert curve[1] == loss()
+        assert curve[0] != curve[1] and curve[2] != curve[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("generalization", ROOT / "benchmarks" / "generalization.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.slow
+def test_generalization_quick_machinery_and_landscape_tool_on_a_tiny_model(
+    tiny_sdxl_dir, tmp_path, one_thread
+):
+    bench = _load_benchmark()
+    out = tmp_path / "results"
+    argv = ["--quick", "--model", tiny_sdxl_dir, "--steps", "2", "--methods", "lora", "bilora"]
+    argv += ["--work", str(tmp_path / "work"), "--out", str(out), "--threads", "1", "--tag", "test"]
+    report = bench.main(argv)
+    assert [(r["method"], r["passes"]) for r in report["runs"]] == [("lora", 2), ("bilora", 2)]
+    for run in report["runs"]:
+        assert set(run["loss"]) == {"train", "unseen", "taught", "held_in"}
+        assert set(run["adherence"]) == {"unseen", "taught", "held_in"}
+        assert run["sharpness"]["increase"] and all(math.isfinite(v) for v in run["loss"].values())
+    assert run["aux_norm"] > 0  # bilora's auxiliary branch moved
+    for suffix in (".json", ".md", ".png"):
+        assert (out / f"generalization_test{suffix}").is_file()
+    assert "| lora (n=1) | 2 | 2 |" in (out / "generalization_test.md").read_text()
+
+    # the landscape tool on one of those training outputs: alpha = 0 gives the unperturbed loss
+    from bilora_diffusion import landscape
+
+    trained = tmp_path / "work" / "runs" / "bilora-s0"
+    png = tmp_path / "land.png"
+    results = landscape.main(
+        ["--output_dir", str(trained), "--points", "3", "--n_directions", "1", "--out", str(png)]
+    )
+    (entry,) = results.values()
+    for space in ("full", "lora"):
+        assert entry[space]["alphas"][1] == 0.0
+        assert entry[space]["curves"][0][1] == entry["base_loss"]
+    assert png.is_file() and json.loads(png.with_suffix(".json").read_text())
