@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from test_core import linear_config, mlp, randomize  # the same tiny models and configs as the core tests
 from torch import nn
 
 from bilora_diffusion import (
@@ -22,27 +23,6 @@ from bilora_diffusion import (
 )
 from bilora_diffusion.adapters import adapters_disabled
 from bilora_diffusion.fused import can_fuse, disable_fused, enable_fused, is_fused
-
-
-def randomize(model: nn.Module, scale: float = 0.3, seed: int = 1) -> None:
-    """Every adapter weight random (PEFT starts B at zero, which would hide B-side errors)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def linear_config(**kw) -> BiLoRAConfig:
-    # s1 = 1.5 and s2 = 5/3 differ: the per-rank scale vector path.
-    return BiLoRAConfig(
-        **{"rank": 2, "alpha": 3.0, "aux_rank": 3, "aux_alpha": 5.0, "target_modules": ["0", "2"], **kw}
-    )
 
 
 def twin_models(
