@@ -158,7 +158,9 @@ def safe_torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: missing from the checkpoint") from err
     except Exception as err:  # UnpicklingError, RuntimeError: weights_only refusals and corrupt files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refused (not a plain tensor file; nothing in it was run): {first}") from err
+        raise CheckpointError(
+            f"{path}: refused (not a plain tensor file; nothing in it was run): {first}"
+        ) from err
 
 
 def _as_tuple(value: Any) -> Any:
