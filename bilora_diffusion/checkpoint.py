@@ -76,7 +76,7 @@ def check_free_space(folder: str | os.PathLike, needed: int) -> None:
         )
 
 
-def _estimate_bytes(components: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
+def _estimate_bytes(components: dict[str, nn.Module]) -> int:
     params = sum(
         p.numel() * p.element_size() for m in components.values() for p in m.parameters() if p.requires_grad
     )
@@ -97,7 +97,7 @@ def save_checkpoint(
     """Write checkpoint-<step> atomically, then rotate old ones down to ``total_limit``."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    check_free_space(root, _estimate_bytes(components, optimizer))
+    check_free_space(root, _estimate_bytes(components))
     final = root / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
     try:

@@ -82,9 +82,8 @@ class SDXLTrainer(Trainer):
         train_ids = [i for i in range(len(records)) if i not in set(val_ids)]
         self.records = [records[i] for i in train_ids]
         self.val_records = [records[i] for i in val_ids]
-        self.buckets = [
-            p.bucket for p in plan_geometry(self.records, o.resolution, o.bucketing, o.max_upscale)
-        ]
+        # Buckets depend on sizes only; resize plans need the VAE's factor and are made in setup_caches.
+        self.buckets = [assign_bucket(r.size, o.resolution, o.bucketing, o.max_upscale) for r in self.records]
 
     def drop_unbucketable(self, records: list) -> list:
         """Images that reach no bucket within --max_upscale are bad input like any other: skipped with a
@@ -265,8 +264,7 @@ class SDXLTrainer(Trainer):
             timesteps,
         )
         if self.text_cache is not None:
-            present = [c for c in captions if c] or [self.records[indices[0]].caption]
-            embeds, pooled = self.text_cache.get([c or present[0] for c in captions])
+            embeds, pooled = self.text_cache.get([self.records[i].caption for i in indices])
             keep = torch.tensor([bool(c) for c in captions], dtype=embeds.dtype)
             # Dropped captions become zero embeddings: what the SDXL pipeline feeds as the unconditional
             # input (force_zeros_for_empty_prompt), so classifier-free guidance matches training.
