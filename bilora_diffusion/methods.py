@@ -15,6 +15,16 @@ then the clip: c = sqrt(sum_j ||s2·B2_j·A2_j||_F²); if c > rho every B2_j and
 `step(closure)` runs the method with ``closure()`` doing forward + backward and returning the loss. The
 one-pass methods (lora, bilora, dual-descent) also accept ``step()`` on gradients already computed, so they
 drop into loops that call ``backward`` themselves (gradient accumulation, fp16 GradScaler, accelerate).
+
+The flat update (default for torch's AdamW, Adam and SGD, whose updates are elementwise): each param group's
+tensors are updated as ONE flat vector. An SDXL UNet has a few thousand tiny adapter tensors (twice as many
+under Bi-LoRA); per-tensor gradient clipping and AdamW pay a fixed cost per tensor that dominates the update on
+a CPU. Per step and group the gradients are gathered into one vector (one ``cat``), clipped there, the inner
+optimizer steps that vector, and the result is copied back into the parameters (one ``_foreach_copy_``). The
+parameters stay the model's own tensors (nothing aliases them), so moving, wrapping or reloading the model
+cannot desynchronise anything; the inner optimizer's state is one vector per group. A parameter without a
+gradient (the last text-encoder layer when SDXL reads the penultimate one) is left untouched, as in the
+per-tensor update; only its slot of the moment estimates decays as a zero gradient's would.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch
 from torch import nn
 
 from .adapters import (
+    LoraPair,
     ModelOrModels,
     _models,
     bilora_layers,
@@ -39,6 +50,97 @@ from .fused import clip_aux_, grad_norm, pair_sq_norms_batched
 
 ROLE = "bilora_role"
 STEP_KEY = "bilora_step"  # kept in the param groups, so it travels with the optimizer's state_dict
+FLAT_KEY = "bilora_flat"  # param-group flag: the state was saved by the flat update (one vector per group)
+FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+"""Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
+
+
+class _FlatGroup:
+    """One param group's tensors as one flat vector ``flat`` (the inner optimizer's parameter) and a gradient
+    vector ``flat_grad``, with views of both shaped like the parameters. The parameters themselves are not
+    aliased: ``gather`` copies them in, ``scatter`` copies the result out (one ``_foreach_copy_`` each).
+
+    With ``pairs`` (the auxiliary branch's factor pairs), the vector is laid out in blocks of equally shaped
+    pairs -- every A of a block, then every B in the same order -- so the clip reads each block as one
+    ``[n, r, in]`` and one ``[n, out, r]`` tensor without stacking copies."""
+
+    def __init__(self, params: list[torch.Tensor], pairs: list[LoraPair] = ()) -> None:
+        index = {id(p): i for i, p in enumerate(params)}
+        by_shape: dict[tuple, list[LoraPair]] = {}
+        for pair in pairs:
+            if id(pair.A_param) in index and id(pair.B_param) in index:
+                by_shape.setdefault((pair.A.shape, pair.B.shape), []).append(pair)
+        ordered = [
+            t for group in by_shape.values() for t in [q.A_param for q in group] + [q.B_param for q in group]
+        ]
+        placed = {id(t) for t in ordered}
+        self.params = ordered + [p for p in params if id(p) not in placed]
+        numels = [p.numel() for p in self.params]
+        with torch.no_grad():
+            self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.views = [v.view(p.shape) for v, p in zip(self.flat.split(numels), self.params)]
+        self.grad_views = [v.view(p.shape) for v, p in zip(self.flat_grad.split(numels), self.params)]
+        # Clip blocks: (A as [n, r, in], B as [n, out, r], s² per pair).
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        offset = 0
+        for (a_shape, b_shape), group in by_shape.items():
+            n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
+            a = self.flat[offset : offset + n * a_size].view(n, *a_shape)
+            b = self.flat[offset + n * a_size : offset + n * (a_size + b_size)].view(n, *b_shape)
+            scales = torch.tensor([q.scale**2 for q in group], dtype=torch.float32, device=self.flat.device)
+            self.blocks.append((a, b, scales))
+            offset += n * (a_size + b_size)
+        self.missing: list[int] = []
+
+    def load_grads(self) -> bool:
+        """Copy the gradients into ``flat_grad``; False when no parameter has one. Parameters without one get
+        a zero gradient here and are put back by `restore_missing` after the step."""
+        grads = [p.grad for p in self.params]
+        self.missing = [i for i, g in enumerate(grads) if g is None]
+        if len(self.missing) == len(grads):
+            return False
+        if self.missing:
+            for i in self.missing:
+                grads[i] = self.grad_views[i].zero_()
+        torch._foreach_copy_(self.grad_views, grads)
+        return True
+
+    def gather(self) -> None:
+        torch._foreach_copy_(self.views, self.params)
+
+    def restore_missing(self) -> None:
+        """Parameters without a gradient keep their values (as the per-tensor update leaves them)."""
+        for i in self.missing:
+            self.views[i].copy_(self.params[i])
+
+    def scatter(self) -> None:
+        torch._foreach_copy_(self.params, self.views)
+
+    def pair_sq_norms(self) -> torch.Tensor:
+        """``||s·B·A||_F²`` of every pair of the clip blocks (as `adapters.pair_sq_norms`), in block order."""
+        norms = [
+            (
+                torch.bmm(b.float().transpose(1, 2), b.float())
+                * torch.bmm(a.float(), a.float().transpose(1, 2))
+            )
+            .sum(dim=(1, 2))
+            .mul(scales)
+            for a, b, scales in self.blocks
+        ]
+        return torch.cat(norms) if norms else self.flat.new_zeros(0, dtype=torch.float32)
+
+
+def _flat_ok(optimizer_cls: type, param_groups: list[dict]) -> bool:
+    """The flat update needs an elementwise torch optimizer and one device and dtype per group."""
+    if optimizer_cls not in FLAT_OPTIMIZERS:
+        return False
+    for group in param_groups:
+        params = list(group["params"])
+        kinds = {(p.device, p.dtype) for p in params}
+        if len(kinds) != 1 or not all(p.is_floating_point() for p in params):
+            return False
+    return True
 
 
 def _supports_maximize(optimizer_cls: type) -> bool:
@@ -65,6 +167,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         total_steps: int | None = None,
         seed: int = 0,
+        flat: bool | None = None,
         **optimizer_kwargs,
     ) -> None:
         self.method = method
@@ -81,20 +184,77 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
             group.setdefault(STEP_KEY, 0)
         defaults = {"lr": optimizer_kwargs.get("lr", 1e-3)}
         super().__init__(param_groups, defaults)
-        self.inner = optimizer_cls(self.param_groups, **optimizer_kwargs)
-        # One set of groups and one state: the wrapper's state_dict is the inner optimizer's.
-        self.param_groups = self.inner.param_groups
+        if flat is None:
+            flat = _flat_ok(optimizer_cls, self.param_groups)
+        elif flat and not _flat_ok(optimizer_cls, self.param_groups):
+            raise ConfigError(
+                f"flat update needs one of {', '.join(c.__name__ for c in FLAT_OPTIMIZERS)} and parameters of "
+                f"one device and dtype per group; got {optimizer_cls.__name__}"
+            )
+        self._aux_pairs = branch_pairs(self._models, AUX)
+        self._flat: list[_FlatGroup] | None = None
+        if flat:
+            # The wrapper keeps the real parameters (schedulers, GradScaler and accelerate see them); the inner
+            # optimizer steps one flat vector per group, with the same hyper-parameters (synced at each step).
+            self._flat = [
+                _FlatGroup(list(g["params"]), self._aux_pairs if g[ROLE] == "aux" else ())
+                for g in self.param_groups
+            ]
+            for group in self.param_groups:
+                group[FLAT_KEY] = True
+            inner_groups = [
+                {**self._hyper(g), "params": [fg.flat]} for g, fg in zip(self.param_groups, self._flat)
+            ]
+            self.inner = optimizer_cls(inner_groups, **optimizer_kwargs)
+            for group, inner in zip(self.param_groups, self.inner.param_groups):
+                group.update(self._hyper(inner))  # the inner optimizer's defaults (betas, eps, ...)
+        else:
+            for group in self.param_groups:
+                group[FLAT_KEY] = False
+            self.inner = optimizer_cls(self.param_groups, **optimizer_kwargs)
+            # One set of groups: the wrapper's state_dict is the inner optimizer's.
+            self.param_groups = self.inner.param_groups
         self.state = self.inner.state
         self.defaults.update(self.inner.defaults)
-        self._aux_pairs = branch_pairs(self._models, AUX)
         self.last_grad_norms: dict[str, float] = {}
         self.last_aux_norm = 0.0
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # -- state --------------------------------------------------------------------------------------
+    @staticmethod
+    def _hyper(group: dict) -> dict:
+        return {k: v for k, v in group.items() if k != "params"}
+
+    def _sync_inner(self) -> None:
+        """Flat update: copy the wrapper's hyper-parameters (lr set by a scheduler, step count) to the inner
+        optimizer's groups."""
+        for group, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update(self._hyper(group))
+
+    @property
+    def flat(self) -> bool:
+        """Whether this optimizer runs the flat update (one vector per param group)."""
+        return self._flat is not None
+
+    def state_dict(self) -> dict:
+        if self._flat is not None:
+            self._sync_inner()
+        return self.inner.state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
+        saved_flat = {bool(g.get(FLAT_KEY, False)) for g in state_dict.get("param_groups", [])}
+        if saved_flat and saved_flat != {self.flat}:
+            raise ValueError(
+                "optimizer state was saved with the flat update "
+                f"{'on' if True in saved_flat else 'off'} and this optimizer has it "
+                f"{'on' if self.flat else 'off'}: build the optimizer the same way (build_optimizer(..., flat=...))"
+            )
         self.inner.load_state_dict(state_dict)
-        self.param_groups = self.inner.param_groups
+        if self._flat is None:
+            self.param_groups = self.inner.param_groups
+        else:
+            for group, inner in zip(self.param_groups, self.inner.param_groups):
+                group.update(self._hyper(inner))
         self.state = self.inner.state
 
     @property
@@ -125,12 +285,15 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._clip_grads()
-        self._inner_step()
-        if self._aux_pairs and self.config.clip != "none":
-            self._clip_aux()
-        elif self._aux_pairs:
-            self.last_aux_norm = float(pair_sq_norms_batched(self._aux_pairs).sum().sqrt())
+        if self._flat is not None:
+            self._flat_step()
+        else:
+            self._clip_grads()
+            self._inner_step()
+            if self._aux_pairs and self.config.clip != "none":
+                self._clip_aux()
+            elif self._aux_pairs:
+                self.last_aux_norm = float(pair_sq_norms_batched(self._aux_pairs).sum().sqrt())
         for group in self.param_groups:
             group[STEP_KEY] = group.get(STEP_KEY, 0) + 1
         return loss
@@ -160,10 +323,82 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 norm = grad_norm(params)
             self.last_grad_norms[role] = float(norm)
 
+    def _flat_step(self) -> None:
+        """Clip per role, step the inner optimizer on one flat vector per group, clip the auxiliary branch on
+        the vectors and copy the result into the parameters (module docstring)."""
+        has_grad = [fg.load_grads() for fg in self._flat]
+        self.last_grad_norms = {}
+        for role in ("primary", "aux"):
+            grads = [
+                fg.flat_grad
+                for fg, has, group in zip(self._flat, has_grad, self.param_groups)
+                if has and group[ROLE] == role
+            ]
+            if not grads:
+                continue
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if self.max_grad_norm:
+                # What clip_grad_norm_ does: coef = max_norm / (norm + 1e-6), clamped to 1.
+                coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+                for g in grads:
+                    g.mul_(coef.to(g.dtype))
+            self.last_grad_norms[role] = float(norm)
+        self._sync_inner()
+        for fg, has in zip(self._flat, has_grad):
+            fg.gather()
+            fg.flat.grad = fg.flat_grad if has else None
+        try:
+            self.inner.step()
+        finally:
+            for fg in self._flat:
+                fg.flat.grad = None
+                fg.restore_missing()
+        if self._aux_pairs:
+            self._flat_clip_aux()
+        for fg in self._flat:
+            fg.scatter()
+        for group, inner in zip(self.param_groups, self.inner.param_groups):
+            group.update(self._hyper(inner))
+
+    def _flat_clip_aux(self) -> None:
+        """The auxiliary clip of `fused.clip_aux_` on the flat vectors' pair blocks (no copies): the norms from
+        one batched Gram computation per block, the scaling one multiplication per block."""
+        groups = [fg for fg, group in zip(self._flat, self.param_groups) if group[ROLE] == "aux"]
+        per_group = [fg.pair_sq_norms() for fg in groups]
+        sq = torch.cat(per_group)
+        if self.config.clip == "none":
+            self.last_aux_norm = float(sq.sum().sqrt())
+            return
+        if self.config.clip == "global":
+            c = sq.sum().sqrt()
+            factors = torch.where(c > self.config.rho, (self.config.rho / c).sqrt(), torch.ones_like(c))
+            factors = factors.expand_as(sq)
+        else:
+            c_j = sq.sqrt()
+            factors = torch.where(
+                c_j > self.config.rho, (self.config.rho / c_j.clamp_min(1e-30)).sqrt(), torch.ones_like(c_j)
+            )
+        offset = 0
+        for fg in groups:
+            for a, b, _ in fg.blocks:
+                f = factors[offset : offset + a.shape[0]]
+                a.mul_(f.view(-1, *([1] * (a.dim() - 1))).to(a.dtype))
+                b.mul_(f.view(-1, *([1] * (b.dim() - 1))).to(b.dtype))
+                offset += a.shape[0]
+        self.last_aux_norm = float((sq * factors.pow(4)).sum().sqrt())
+
     def _clip_aux(self) -> None:
         """Keep the auxiliary perturbation inside rho: one global factor (paper) or one per layer, with the
-        norms of all pairs batched and one foreach scaling (thousands of tiny tensors on SDXL)."""
-        self.last_aux_norm = clip_aux_(self._aux_pairs, self.config.rho, self.config.clip)
+        norms of all pairs batched and one scaling per block of equally shaped pairs (thousands of tiny tensors
+        on SDXL)."""
+        if self._flat is None:
+            self.last_aux_norm = clip_aux_(self._aux_pairs, self.config.rho, self.config.clip)
+            return
+        for fg in self._flat:
+            fg.gather()
+        self._flat_clip_aux()
+        for fg in self._flat:
+            fg.scatter()
 
     # -- lora-sam -----------------------------------------------------------------------------------
     def _sam_passes(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -234,6 +469,7 @@ def build_optimizer(
     max_grad_norm: float | None = None,
     total_steps: int | None = None,
     seed: int = 0,
+    flat: bool | None = None,
     **kwargs,
 ) -> BiLoRAOptimizer:
     """A torch optimizer that trains the adapters of ``model`` with ``method``.
@@ -249,6 +485,8 @@ def build_optimizer(
         max_grad_norm: clip each group's gradient norm separately before the update.
         total_steps: number of optimizer steps T (flat-lora's ramp needs it).
         seed: seed of flat-lora's noise.
+        flat: the flat update (module docstring): None = on wherever it gives the same steps (torch's AdamW,
+            Adam, SGD; one device and dtype per group), False = the inner optimizer steps every tensor.
         kwargs: passed to ``optimizer_cls`` (betas, eps, weight_decay, ...); weight_decay applies to the
             primary group, ``config.aux_weight_decay`` to the auxiliary one.
     """
@@ -295,6 +533,7 @@ def build_optimizer(
         max_grad_norm=max_grad_norm,
         total_steps=total_steps,
         seed=seed,
+        flat=flat,
         lr=lr,
         **kwargs,
     )

@@ -448,15 +448,20 @@ def test_optimizer_without_native_maximize_negates_gradients():
         torch.testing.assert_close(p, q)
 
 
-def test_separate_gradient_clipping_per_group():
+@pytest.mark.parametrize("flat", [True, False])
+def test_separate_gradient_clipping_per_group(flat):
+    """max_grad_norm clips each role's gradient on its own: with SGD (lr 0.5) each role moves by exactly
+    lr * max_grad_norm, whichever of the two update paths runs."""
     cfg = linear_config(clip="none")
     model = attach_bilora(mlp(), cfg)
     randomize(model)
-    opt = build_optimizer(model, cfg, optimizer_cls=torch.optim.SGD, lr=0.0, max_grad_norm=1e-3)
+    opt = build_optimizer(model, cfg, optimizer_cls=torch.optim.SGD, lr=0.5, max_grad_norm=1e-3, flat=flat)
+    assert opt.flat is flat
+    before = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
     x, y = torch.randn(8, 6) * 5, torch.randn(8, 3) * 5
     opt.step(lambda: F.mse_loss(model(x), y).backward())
     for role in ("primary", "aux"):
-        grads = [p.grad for g in opt.param_groups if g["bilora_role"] == role for p in g["params"]]
-        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-        assert float(norm) == pytest.approx(1e-3, rel=1e-3)  # each group clipped to the bound on its own
+        params = [p for g in opt.param_groups if g["bilora_role"] == role for p in g["params"]]
+        moved = torch.linalg.vector_norm(torch.stack([(p.detach() - before[id(p)]).norm() for p in params]))
+        assert float(moved) == pytest.approx(0.5 * 1e-3, rel=1e-3)  # each role clipped to the bound on its own
         assert opt.last_grad_norms[role] > 1e-3
