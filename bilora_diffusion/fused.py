@@ -83,23 +83,39 @@ def _a_modules(layer: LoraLayer, adapters: Sequence[str]) -> list[nn.Module]:
 
 def _fusable_now(layer: LoraLayer, adapters: Sequence[str], kwargs: dict) -> bool:
     """The per-call conditions: exactly ``adapters`` active, not disabled or merged, no per-call adapter
-    selection, no dropout."""
-    if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
+    selection, no dropout. (Runs for every adapted layer at every call, so it reads PEFT's attributes
+    directly: ``_disable_adapters``, ``merged_adapters``, ``active_adapter``.)"""
+    if layer._disable_adapters or layer.merged_adapters:
         return False
-    if kwargs.get("alora_offsets") is not None:
+    if kwargs and (kwargs.get("adapter_names") is not None or kwargs.get("alora_offsets") is not None):
         return False
-    active = layer.active_adapters
-    if len(active) != len(adapters) or set(active) != set(adapters):
+    active = layer.active_adapter
+    if isinstance(active, str):
+        if len(adapters) != 1 or active != adapters[0]:
+            return False
+    elif len(active) != len(adapters) or set(active) != set(adapters):
         return False
-    return all(_no_dropout(layer.lora_dropout[name]) for name in adapters)
+    dropouts = layer.lora_dropout._modules
+    return all(type(d) is nn.Identity or _no_dropout(d) for d in (dropouts[name] for name in adapters))
+
+
+def _weights(layer: LoraLayer, adapters: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The A and B weights of ``adapters`` (straight from the ModuleDicts' and modules' dicts: this runs for
+    every adapted layer at every call)."""
+    a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
+    return (
+        [a_mods[name]._parameters["weight"] for name in adapters],
+        [b_mods[name]._parameters["weight"] for name in adapters],
+    )
 
 
 def _scales(layer: LoraLayer, adapters: Sequence[str], like: torch.Tensor) -> float | torch.Tensor:
     """The scaling of the rank axis: one float when every branch has the same s, else the vector
     ``v = [s1]*r1 + [s2]*r2`` (cached on the layer per device and dtype; rebuilt when PEFT's scaling
     changes)."""
-    values = [float(layer.scaling[name]) for name in adapters]
-    if all(v == values[0] for v in values):
+    scaling = layer.scaling
+    values = [float(scaling[name]) for name in adapters]
+    if len(values) == 1 or all(v == values[0] for v in values):
         return values[0]
     ranks = [layer.lora_A[name].weight.shape[0] for name in adapters]
     key = (tuple(values), tuple(ranks), like.device, like.dtype)
@@ -119,6 +135,18 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it would be a no-op (a few microseconds per layer and call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _cast_input(layer: LoraLayer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's ``_cast_input_dtype`` (x to the adapter's dtype unless input casting is disabled)."""
+    if x.dtype == dtype or not getattr(layer, "cast_input_dtype_enabled", True):
+        return x
+    return x.to(dtype)
+
+
 def fused_delta_linear(
     layer: LoraLinear, x: torch.Tensor, result: torch.Tensor, adapters: Sequence[str]
 ) -> torch.Tensor:
@@ -126,22 +154,23 @@ def fused_delta_linear(
 
     x: [..., in]; result: [..., out] (the base layer's output). Returns [..., out] in result's dtype.
     """
-    a = _cat([layer.lora_A[name].weight for name in adapters], 0)  # [r1 + r2, in]
-    b = _cat([layer.lora_B[name].weight for name in adapters], 1)  # [out, r1 + r2]
-    x = layer._cast_input_dtype(x, a.dtype)
+    a_weights, b_weights = _weights(layer, adapters)
+    a = _cat(a_weights, 0)  # [r1 + r2, in]
+    b = _cat(b_weights, 1)  # [out, r1 + r2]
+    x = _cast_input(layer, x, a.dtype)
     h = F.linear(x, a)  # [..., r1 + r2]; under autocast in the autocast dtype
     scale = _scales(layer, adapters, h)
     alpha = 1.0
     if isinstance(scale, float):
         alpha = scale
     else:
-        h = (h * scale).to(h.dtype)
+        h = _to(h * scale, h.dtype)
     out_dtype = result.dtype
     # PEFT adds in the promoted dtype of result and the adapter output, then casts back: same here.
     dtype = torch.promote_types(out_dtype, h.dtype)
-    flat = result.reshape(-1, result.shape[-1]).to(dtype)
-    out = torch.addmm(flat, h.reshape(-1, h.shape[-1]).to(dtype), b.t().to(dtype), alpha=alpha)
-    return out.view(result.shape).to(out_dtype)
+    flat = _to(result.reshape(-1, result.shape[-1]), dtype)
+    out = torch.addmm(flat, _to(h.reshape(-1, h.shape[-1]), dtype), _to(b, dtype).t(), alpha=alpha)
+    return _to(out.view(result.shape), out_dtype)
 
 
 def fused_delta_conv2d(
@@ -153,9 +182,9 @@ def fused_delta_conv2d(
     x: [N, in, H, W]; result: [N, out, H', W']. Returns result's shape and dtype.
     """
     first = layer.lora_A[adapters[0]]
-    a = _cat([layer.lora_A[name].weight for name in adapters], 0)
-    b = _cat([layer.lora_B[name].weight for name in adapters], 1)
-    x = layer._cast_input_dtype(x, a.dtype)
+    a_weights, b_weights = _weights(layer, adapters)
+    a, b = _cat(a_weights, 0), _cat(b_weights, 1)
+    x = _cast_input(layer, x, a.dtype)
     h = F.conv2d(x, a, None, first.stride, first.padding, first.dilation)  # [N, r1 + r2, H', W']
     scale = _scales(layer, adapters, h)
     h = (h * (scale if isinstance(scale, float) else scale.view(1, -1, 1, 1))).to(h.dtype)
@@ -168,8 +197,9 @@ def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.T
     adapters = self.__dict__[FUSED_ATTR]
     if not _fusable_now(self, adapters, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
-    kwargs.pop("adapter_names", None)
-    kwargs.pop("alora_offsets", None)
+    if kwargs:
+        kwargs.pop("adapter_names", None)
+        kwargs.pop("alora_offsets", None)
     result = self.base_layer(x, *args, **kwargs)
     if type(self) is LoraLinear:
         return fused_delta_linear(self, x, result, adapters)
