@@ -19,7 +19,7 @@ the RSS just before the first step (what the step adds: gradients, optimizer sta
     python benchmarks/step_cost.py --model sdxl-topology-small --train_text_encoder
     python benchmarks/step_cost.py --model sdxl --resolution 1024                 # GPU: bf16, checkpointing
 
-Outputs ``benchmarks/results/step_cost_<model>_<resolution>[_w<widths>][_te][_fastupdate][_quick].{json,png}``
+Outputs ``benchmarks/results/step_cost_<model>_<resolution>[_w<widths>][_te][_pertensor][_quick].{json,png}``
 and a Markdown table on stdout. Results and their reading: benchmarks/RESULTS.md.
 """
 
@@ -247,9 +247,9 @@ class Runner:
         self.fused_layers = sum(is_fused(layer) for layer in bilora_layers(list(trained.values())))
         model_lrs = [(m, options.learning_rate) for m in trained.values()]
         config = options.bilora_config(options.target_modules)  # the trainer passes the UNet's config
-        self.optimizer = make_optimizer(options, model_lrs, config, total_steps=1000, world_size=1)
-        if args.fast_update:
-            fast_update(self.optimizer)
+        self.optimizer = make_optimizer(
+            options, model_lrs, config, total_steps=1000, world_size=1, flat=not args.per_tensor_update
+        )
         self.step_fn = TimedMethodStep(accelerator, self.optimizer, list(trained.values()))
         self.dtype = next(self.unet.parameters()).dtype
 
@@ -269,20 +269,6 @@ class Runner:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.variant}: non-finite loss")
         return elapsed, wall
-
-
-def fast_update(optimizer) -> None:
-    """The update-side speed-ups proposed for `BiLoRAOptimizer` (same results, tested in tests/test_fused.py):
-    AdamW's fused implementation (one kernel per tensor instead of a dozen; torch's default is the
-    single-tensor loop on CPU and foreach on CUDA) and the clip's batched Gram norms with one foreach scaling
-    (`bilora_diffusion.fused.clip_aux_`) instead of a loop over the layers."""
-    for group in optimizer.param_groups:
-        group["foreach"], group["fused"] = False, True
-
-    def clip_aux() -> None:
-        optimizer.last_aux_norm = clip_aux_(optimizer._aux_pairs, optimizer.config.rho, optimizer.config.clip)
-
-    optimizer._clip_aux = clip_aux
 
 
 def make_batches(args: argparse.Namespace, comps: dict, count: int) -> list[MicroBatch]:
@@ -422,9 +408,11 @@ def measure_memory(args: argparse.Namespace, accelerator) -> dict:
 
 # -- the update, piece by piece -------------------------------------------------------------------------------
 def update_breakdown(args: argparse.Namespace, accelerator) -> dict:
-    """Median time of each piece of the update after one forward/backward, for lora and bilora: the
-    per-group gradient clip, AdamW in its three implementations, and the auxiliary clip as a loop over layers
-    (`BiLoRAOptimizer._clip_aux`) and batched (`fused.clip_aux_`). Milliseconds by the run's clock."""
+    """Median time of each piece of the update after one forward/backward, for lora and bilora. The
+    per-tensor update (``flat=False``): the per-group gradient clip, AdamW in its three implementations (each
+    tensor stepped), the batched auxiliary clip (`fused.clip_aux_`); and the
+    library's default, the flat update (`BiLoRAOptimizer._flat_step`: gradients gathered, clipped, one fused
+    AdamW per group, the aux clip on the flat vector, copied back). Milliseconds by the run's clock."""
     dtype = getattr(torch, args.dtype)
     out: dict[str, dict[str, float]] = {}
     for variant in ("lora", "bilora"):
@@ -434,7 +422,11 @@ def update_breakdown(args: argparse.Namespace, accelerator) -> dict:
         runner.step(mb)
         runner.step_fn.optimizer.zero_grad(set_to_none=True)
         runner.accelerator.backward(runner.loss(mb))
-        opt = runner.optimizer
+        flat_opt = runner.optimizer
+        options = SDXLOptions(method=VARIANTS[variant][0], rank=4, lora_alpha=8.0, report_to="none")
+        config = options.bilora_config(options.target_modules)
+        model_lrs = [(m, 1e-4) for m in runner.step_fn.models]
+        opt = make_optimizer(options, model_lrs, config, total_steps=1000, world_size=1, flat=False)
 
         def timed(fn, repeats: int = 9) -> float:
             values = []
@@ -456,10 +448,10 @@ def update_breakdown(args: argparse.Namespace, accelerator) -> dict:
                 group["foreach"], group["fused"] = impl == "foreach", impl == "fused"
             row[f"adamw_{impl}_ms"] = timed(opt.inner.step)
         if opt._aux_pairs:
-            row["aux_clip_loop_ms"] = timed(opt._clip_aux)
             row["aux_clip_batched_ms"] = timed(lambda opt=opt: clip_aux_(opt._aux_pairs, 0.05, "global"))
+        row["flat_update_ms"] = timed(flat_opt._flat_step)
         out[variant] = row
-        del runner, comps, opt
+        del runner, comps, opt, flat_opt
         gc.collect()
     return out
 
@@ -547,7 +539,7 @@ def plot(result: dict, path: Path) -> None:
     for ax in axes:
         ax.tick_params(axis="x", rotation=35)
     widths = "/".join(map(str, result.get("unet_widths", [])))
-    extra = ", fast update" if result.get("fast_update") else ""
+    extra = ", per-tensor update" if result.get("per_tensor_update") else ""
     fig.suptitle(
         f"{result['model']} (UNet {widths}) {result['resolution']}px, train_text_encoder="
         f"{result['train_text_encoder']}{extra}\n{result['machine']}, {result['date'][:10]}",
@@ -577,9 +569,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory_steps", type=int, default=2, help="steps of each memory run")
     p.add_argument("--no_memory", action="store_true")
     p.add_argument(
-        "--fast_update",
+        "--per_tensor_update",
         action="store_true",
-        help="every variant: fused AdamW, and the batched aux clip (fused.clip_aux_); see fast_update()",
+        help="every variant steps each adapter tensor (build_optimizer(flat=False)) instead of the default flat "
+        "update, for comparison",
     )
     p.add_argument("--quick", action="store_true", help="short CPU run: fewer rounds")
     p.add_argument(
@@ -649,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.update_breakdown:
         return run_breakdown(args, accelerator)
     suffix = "_w" + "-".join(map(str, args.unet_widths)) if args.unet_widths else ""
-    suffix += ("_te" if args.train_text_encoder else "") + ("_fastupdate" if args.fast_update else "")
+    suffix += ("_te" if args.train_text_encoder else "") + ("_pertensor" if args.per_tensor_update else "")
     suffix += "_quick" if args.quick else ""
     stem = args.out or str(RESULTS / f"step_cost_{args.model}_{args.resolution}{suffix}")
     result = {
@@ -665,7 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gradient_checkpointing": args.gradient_checkpointing,
         "rank": 4,
         "aux_rank": 4,
-        "fast_update": args.fast_update,
+        "per_tensor_update": args.per_tensor_update,
         "threads": torch.get_num_threads(),
         "clock": "process CPU time" if accelerator.device.type == "cpu" else "wall time (cuda synchronized)",
         "warmup": args.warmup,

@@ -90,8 +90,10 @@ def make_optimizer(
     config: BiLoRAConfig,
     total_steps: int,
     world_size: int,
+    **overrides,
 ) -> BiLoRAOptimizer:
-    """The method's optimizer over (model, lr) pairs; --scale_lr multiplies every lr by the global batch."""
+    """The method's optimizer over (model, lr) pairs; --scale_lr multiplies every lr by the global batch.
+    ``overrides`` go to `build_optimizer` (e.g. ``flat=False``)."""
     factor = (
         options.train_batch_size * options.gradient_accumulation_steps * world_size if options.scale_lr else 1
     )
@@ -107,6 +109,7 @@ def make_optimizer(
         betas=(options.adam_beta1, options.adam_beta2),
         weight_decay=options.adam_weight_decay,
         eps=options.adam_epsilon,
+        **overrides,
     )
 
 

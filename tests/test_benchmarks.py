@@ -144,3 +144,24 @@ def test_generalization_quick_machinery_and_landscape_tool_on_a_tiny_model(
         assert entry[space]["alphas"][1] == 0.0
         assert entry[space]["curves"][0][1] == entry["base_loss"]
     assert png.is_file() and json.loads(png.with_suffix(".json").read_text())
+
+
+@pytest.mark.slow
+def test_step_cost_runs_the_variants_it_names(tmp_path):
+    """The step-cost benchmark's code path on the small SDXL topology (one measured round; no timing is
+    asserted): each variant runs the forward it names, the flat update is the default, lora is its own
+    reference, and bilora trains twice lora's adapter parameters at equal primary rank."""
+    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "benchmarks" / "step_cost.py")
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    stem = tmp_path / "sc"
+    argv = ["--variants", "lora", "bilora", "bilora-unfused", "lora-fusedfwd", "--steps", "1", "--warmup", "0"]
+    result = step_cost.main([*argv, "--no_memory", "--resolution", "64", "--out", str(stem)])
+    variants = result["variants"]
+    assert json.loads((tmp_path / "sc.json").read_text())["variants"].keys() == variants.keys()
+    assert (tmp_path / "sc.png").stat().st_size > 0
+    assert variants["lora"]["time_ratio_paired"] == 1.0
+    assert variants["lora"]["fused_layers"] == 0 and variants["bilora-unfused"]["fused_layers"] == 0
+    assert variants["bilora"]["fused_layers"] == variants["lora-fusedfwd"]["fused_layers"] == 560
+    assert variants["bilora"]["trainable_params"] == 2 * variants["lora"]["trainable_params"]
+    assert result["per_tensor_update"] is False
