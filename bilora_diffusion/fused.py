@@ -250,14 +250,32 @@ def disable_fused(model: ModelOrModels) -> int:
 
 
 # -- the optimizer side: batched clip norms, one-call scaling and gradient norms --------------------------------
+def block_sq_norms(a: torch.Tensor, b: torch.Tensor, sq_scales: torch.Tensor) -> torch.Tensor:
+    """``s²·||B·A||_F²`` of a block of n equally shaped pairs, A: [n, r, in], B: [n, out, r], from the r×r Gram
+    matrices without forming B·A: ``||B·A||_F² = sum((BᵀB) ⊙ (A·Aᵀ))``. Float32; returns [n]."""
+    a, b = a.float(), b.float()
+    return (torch.bmm(b.transpose(1, 2), b) * torch.bmm(a, a.transpose(1, 2))).sum(dim=(1, 2)) * sq_scales
+
+
+def clip_factors(sq: torch.Tensor, rho: float, mode: str) -> torch.Tensor:
+    """The auxiliary clip's factor for every pair from its squared norm ``sq`` [n]:
+
+        global: c = sqrt(sum_j sq_j); f = sqrt(rho / c) for every pair if c > rho, else 1
+        layer:  c_j = sqrt(sq_j);     f_j = sqrt(rho / c_j) if c_j > rho, else 1
+
+    (A and B are both scaled by f, so s·B·A is scaled by rho / c.) Returns [n]."""
+    if mode == "global":
+        c = sq.sum().sqrt()
+        return torch.where(c > rho, (rho / c).sqrt(), torch.ones_like(c)).expand_as(sq)
+    c_j = sq.sqrt()
+    return torch.where(c_j > rho, (rho / c_j.clamp_min(1e-30)).sqrt(), torch.ones_like(c_j))
+
+
 def pair_sq_norms_batched(pairs: list[LoraPair]) -> torch.Tensor:
     """``||s·B·A||_F²`` of every pair, as `adapters.pair_sq_norms` computes it one pair at a time, with one
-    batched Gram computation per group of equally shaped pairs (a handful of groups on SDXL instead of one
-    small computation per adapted layer):
-
-        A: [n, r, in], B: [n, out, r] (stacked)   ->   s² · sum((Bᵀ·B) ⊙ (A·Aᵀ))  over [n, r, r]
-
-    Float32, on the pairs' device; returns a 1-D tensor in the order of ``pairs``."""
+    `block_sq_norms` per group of equally shaped pairs (a handful of groups on SDXL instead of one small
+    computation per adapted layer). Float32, on the pairs' device; returns a 1-D tensor in the order of
+    ``pairs``."""
     if not pairs:
         return torch.zeros(0)
     groups: dict[tuple, list[int]] = {}
@@ -266,29 +284,19 @@ def pair_sq_norms_batched(pairs: list[LoraPair]) -> torch.Tensor:
     device = pairs[0].A.device
     out = torch.empty(len(pairs), dtype=torch.float32, device=device)
     for indices in groups.values():
-        a = torch.stack([pairs[i].A.detach() for i in indices]).float()  # [n, r, in]
-        b = torch.stack([pairs[i].B.detach() for i in indices]).float()  # [n, out, r]
-        gram = torch.bmm(b.transpose(1, 2), b) * torch.bmm(a, a.transpose(1, 2))  # [n, r, r]
+        a = torch.stack([pairs[i].A.detach() for i in indices])  # [n, r, in]
+        b = torch.stack([pairs[i].B.detach() for i in indices])  # [n, out, r]
         scales = torch.tensor([pairs[i].scale ** 2 for i in indices], dtype=torch.float32, device=a.device)
         idx = torch.tensor(indices, device=device)
-        out.index_copy_(0, idx, (gram.sum(dim=(1, 2)) * scales).to(device))
+        out.index_copy_(0, idx, block_sq_norms(a, b, scales).to(device))
     return out
 
 
 def clip_aux_(pairs: list[LoraPair], rho: float, mode: str = "global") -> float:
-    """The auxiliary clip of `BiLoRAOptimizer._clip_aux` with batched norms and one foreach scaling:
-
-        global: c = sqrt(sum_j ||s2·B2_j·A2_j||_F²); if c > rho, every A2_j, B2_j *= sqrt(rho / c)
-        layer:  c_j = ||s2·B2_j·A2_j||_F;           if c_j > rho, A2_j, B2_j *= sqrt(rho / c_j)
-
-    In place; returns c after the clip (``last_aux_norm``)."""
+    """The auxiliary clip (`clip_factors`) with batched norms and one foreach scaling, in place; returns c
+    after the clip (``last_aux_norm``)."""
     sq = pair_sq_norms_batched(pairs)
-    if mode == "global":
-        c = sq.sum().sqrt()
-        factors = torch.where(c > rho, (rho / c).sqrt(), torch.ones_like(c)).expand_as(sq)
-    else:
-        c_j = sq.sqrt()
-        factors = torch.where(c_j > rho, (rho / c_j.clamp_min(1e-30)).sqrt(), torch.ones_like(c_j))
+    factors = clip_factors(sq, rho, mode)
     tensors, scalars = [], []
     for pair, f in zip(pairs, factors.tolist()):
         if f != 1.0:
@@ -320,7 +328,9 @@ def is_fused(layer: nn.Module) -> bool:
 
 
 __all__ = [
+    "block_sq_norms",
     "can_fuse",
+    "clip_factors",
     "clip_aux_",
     "disable_fused",
     "enable_fused",

@@ -46,7 +46,7 @@ from .adapters import (
     lora_pair,
 )
 from .config import AUX, AUX_METHODS, METHODS, ONE_PASS_METHODS, PRIMARY, BiLoRAConfig, ConfigError
-from .fused import clip_aux_, grad_norm, pair_sq_norms_batched
+from .fused import block_sq_norms, clip_aux_, clip_factors, grad_norm, pair_sq_norms_batched
 
 ROLE = "bilora_role"
 STEP_KEY = "bilora_step"  # kept in the param groups, so it travels with the optimizer's state_dict
@@ -119,15 +119,7 @@ class _FlatGroup:
 
     def pair_sq_norms(self) -> torch.Tensor:
         """``||s·B·A||_F²`` of every pair of the clip blocks (as `adapters.pair_sq_norms`), in block order."""
-        norms = [
-            (
-                torch.bmm(b.float().transpose(1, 2), b.float())
-                * torch.bmm(a.float(), a.float().transpose(1, 2))
-            )
-            .sum(dim=(1, 2))
-            .mul(scales)
-            for a, b, scales in self.blocks
-        ]
+        norms = [block_sq_norms(a, b, scales) for a, b, scales in self.blocks]
         return torch.cat(norms) if norms else self.flat.new_zeros(0, dtype=torch.float32)
 
 
@@ -369,15 +361,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         if self.config.clip == "none":
             self.last_aux_norm = float(sq.sum().sqrt())
             return
-        if self.config.clip == "global":
-            c = sq.sum().sqrt()
-            factors = torch.where(c > self.config.rho, (self.config.rho / c).sqrt(), torch.ones_like(c))
-            factors = factors.expand_as(sq)
-        else:
-            c_j = sq.sqrt()
-            factors = torch.where(
-                c_j > self.config.rho, (self.config.rho / c_j.clamp_min(1e-30)).sqrt(), torch.ones_like(c_j)
-            )
+        factors = clip_factors(sq, self.config.rho, self.config.clip)
         offset = 0
         for fg in groups:
             for a, b, _ in fg.blocks:
