@@ -155,7 +155,7 @@ def test_step_cost_runs_the_variants_it_names(tmp_path):
     step_cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_cost)
     stem = tmp_path / "sc"
-    argv = ["--variants", "lora", "bilora", "bilora-unfused", "lora-fusedfwd", "--steps", "1", "--warmup", "0"]
+    argv = "--variants lora bilora bilora-unfused lora-fusedfwd --steps 1 --warmup 0".split()
     threads = torch.get_num_threads()  # the benchmark sets 1; later tests' bitwise checks need the default
     try:
         result = step_cost.main([*argv, "--no_memory", "--resolution", "64", "--out", str(stem)])

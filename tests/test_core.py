@@ -463,5 +463,6 @@ def test_separate_gradient_clipping_per_group(flat):
     for role in ("primary", "aux"):
         params = [p for g in opt.param_groups if g["bilora_role"] == role for p in g["params"]]
         moved = torch.linalg.vector_norm(torch.stack([(p.detach() - before[id(p)]).norm() for p in params]))
-        assert float(moved) == pytest.approx(0.5 * 1e-3, rel=1e-3)  # each role clipped to the bound on its own
+        # each role clipped to the bound on its own
+        assert float(moved) == pytest.approx(0.5 * 1e-3, rel=1e-3)
         assert opt.last_grad_norms[role] > 1e-3
