@@ -241,6 +241,8 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 f"{'on' if True in saved_flat else 'off'} and this optimizer has it "
                 f"{'on' if self.flat else 'off'}: build the optimizer the same way (build_optimizer(..., flat=...))"
             )
+        if self._flat is not None:
+            self._check_flat_sizes(state_dict)
         self.inner.load_state_dict(state_dict)
         if self._flat is None:
             self.param_groups = self.inner.param_groups
@@ -248,6 +250,29 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
             for group, inner in zip(self.param_groups, self.inner.param_groups):
                 group.update(self._hyper(inner))
         self.state = self.inner.state
+
+    def _check_flat_sizes(self, state_dict: dict) -> None:
+        """torch does not compare state sizes with the parameters; a flat vector of another size (another rank
+        or set of target modules) would fail later with a bare shape error, so say it here."""
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self._flat):
+            return  # torch's own check names this one
+        for index, (group, fg) in enumerate(zip(groups, self._flat)):
+            for pid in group["params"]:
+                for key, value in state_dict.get("state", {}).get(pid, {}).items():
+                    if torch.is_tensor(value) and value.dim() == 1 and value.numel() != fg.flat.numel():
+                        raise ValueError(
+                            f"optimizer state of param group {index} ({group.get(ROLE)}) holds {key} of "
+                            f"{value.numel()} values for {fg.flat.numel()} adapter parameters: it was saved for "
+                            "other adapters (rank or target modules)"
+                        )
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_flat", None) is not None:
+            raise NotImplementedError(
+                "the flat update cannot add param groups: build_optimizer(..., flat=False)"
+            )
+        super().add_param_group(param_group)
 
     @property
     def step_count(self) -> int:

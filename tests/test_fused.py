@@ -371,13 +371,18 @@ def test_flat_update_equals_per_tensor_update_and_resumes():
         assert torch.equal(resumed[name], p), name
 
 
-def test_flat_state_dict_does_not_load_into_a_per_tensor_optimizer():
+def test_flat_state_dict_refuses_other_layouts_and_sizes():
     config = linear_config()
-    flat_opt = build_optimizer(attach_bilora(mlp(), config), config)
+    model = attach_bilora(mlp(), config)
+    flat_opt = build_optimizer(model, config)
+    flat_opt.step(lambda: F.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward())
     tensor_opt = build_optimizer(attach_bilora(mlp(), config), config, flat=False)
     with pytest.raises(ValueError, match="flat update on"):
         tensor_opt.load_state_dict(flat_opt.state_dict())
     with pytest.raises(ValueError, match="flat update off"):
         flat_opt.load_state_dict(tensor_opt.state_dict())
+    wider = linear_config(rank=3)
+    with pytest.raises(ValueError, match="saved for other adapters"):
+        build_optimizer(attach_bilora(mlp(), wider), wider).load_state_dict(flat_opt.state_dict())
     with pytest.raises(ConfigError, match="flat update needs"):
         build_optimizer(attach_bilora(mlp(), config), config, optimizer_cls=torch.optim.Adagrad, flat=True)
