@@ -151,8 +151,7 @@ def build_components(
 ) -> dict:
     """UNet and both text encoders with random weights (same seed = same weights), built on ``device``.
     ``unet_widths`` overrides the UNet's block_out_channels (heads of 32 channels)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDPMScheduler
 
     unet_cfg, text_cfgs = MODELS[model]
     if unet_widths:
@@ -160,19 +159,13 @@ def build_components(
         unet_cfg = {**unet_cfg, "block_out_channels": tuple(unet_widths), "attention_head_dim": heads}
     tokenizer = local_clip_tokenizer()
     torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**unet_cfg)
-        encoders = []
-        for cls, cfg in zip((CLIPTextModel, CLIPTextModelWithProjection), text_cfgs):
-            # Token ids come from a local tokenizer (no download): bos 0, eos 1, all < vocab_size.
-            config = CLIPTextConfig(
-                **{"vocab_size": len(tokenizer), **cfg},
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-            encoders.append(cls(config))
+    default_dtype = torch.get_default_dtype()
+    # Built directly in the weights' dtype: SDXL's UNet in float32 would be a 10 GB transient per copy.
+    torch.set_default_dtype(dtype)
+    try:
+        unet, encoders = _build_models(unet_cfg, text_cfgs, len(tokenizer), device)
+    finally:
+        torch.set_default_dtype(default_dtype)
     for m in (unet, *encoders):
         m.requires_grad_(False)
         m.to(dtype)
@@ -185,6 +178,26 @@ def build_components(
         "tokenizers": [tokenizer, tokenizer],
         "scheduler": scheduler,
     }
+
+
+def _build_models(unet_cfg: dict, text_cfgs: tuple, vocab_size: int, device: torch.device) -> tuple:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_cfg)
+        encoders = []
+        for cls, cfg in zip((CLIPTextModel, CLIPTextModelWithProjection), text_cfgs):
+            # Token ids come from a local tokenizer (no download): bos 0, eos 1, all < vocab_size.
+            config = CLIPTextConfig(
+                **{"vocab_size": vocab_size, **cfg},
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+            encoders.append(cls(config))
+    return unet, encoders
 
 
 # -- one variant's training step ------------------------------------------------------------------------------
