@@ -386,3 +386,34 @@ def test_flat_state_dict_refuses_other_layouts_and_sizes():
         build_optimizer(attach_bilora(mlp(), wider), wider).load_state_dict(flat_opt.state_dict())
     with pytest.raises(ConfigError, match="flat update needs"):
         build_optimizer(attach_bilora(mlp(), config), config, optimizer_cls=torch.optim.Adagrad, flat=True)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_grad_scaler_steps_equal_unscaled_steps_and_skip_on_inf(flat):
+    """The fp16 path of `MethodStep` (GradScaler.unscale_ then scaler.step(optimizer)) gives the steps of a
+    plain step() on unscaled gradients, and a step whose gradients hold an inf changes nothing."""
+    config = linear_config()
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    plain, scaled = attach_bilora(mlp(), config), attach_bilora(mlp(), config)
+    randomize(plain)
+    scaled.load_state_dict(plain.state_dict())
+    opt = build_optimizer(plain, config, lr=1e-2, max_grad_norm=1.0, flat=flat)
+    sopt = build_optimizer(scaled, config, lr=1e-2, max_grad_norm=1.0, flat=flat)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(plain(x), y).backward()
+        opt.step()
+        sopt.zero_grad()
+        scaler.scale(F.mse_loss(scaled(x), y)).backward()
+        scaler.unscale_(sopt)
+        scaler.step(sopt)
+        scaler.update()
+    assert_all_close(dict(scaled.named_parameters()), dict(plain.named_parameters()), rtol=1e-5)
+    before = {n: p.detach().clone() for n, p in scaled.named_parameters()}
+    sopt.zero_grad()
+    scaler.scale(F.mse_loss(scaled(x), y) * float("inf")).backward()
+    scaler.unscale_(sopt)
+    scaler.step(sopt)
+    for name, p in scaled.named_parameters():
+        assert torch.equal(p, before[name]), name
