@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Conv2d as LoraConv2d
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 
 from .adapters import LoraPair, ModelOrModels, _models
@@ -87,7 +88,7 @@ def _fusable_now(layer: LoraLayer, adapters: Sequence[str], kwargs: dict) -> boo
     directly: ``_disable_adapters``, ``merged_adapters``, ``active_adapter``.)"""
     if layer._disable_adapters or layer.merged_adapters:
         return False
-    if kwargs and (kwargs.get("adapter_names") is not None or kwargs.get("alora_offsets") is not None):
+    if kwargs and any(kwargs.get(key) is not None for key in ("adapter_names", *VARIANT_KWARG_KEYS)):
         return False
     active = layer.active_adapter
     if isinstance(active, str):
@@ -103,10 +104,12 @@ def _weights(layer: LoraLayer, adapters: Sequence[str]) -> tuple[list[torch.Tens
     """The A and B weights of ``adapters`` (straight from the ModuleDicts' and modules' dicts: this runs for
     every adapted layer at every call)."""
     a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
-    return (
-        [a_mods[name]._parameters["weight"] for name in adapters],
-        [b_mods[name]._parameters["weight"] for name in adapters],
-    )
+    return [_weight(a_mods[name]) for name in adapters], [_weight(b_mods[name]) for name in adapters]
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module._parameters.get("weight")
+    return module.weight if weight is None else weight  # e.g. a parametrized weight
 
 
 def _scales(layer: LoraLayer, adapters: Sequence[str], like: torch.Tensor) -> float | torch.Tensor:
@@ -197,9 +200,10 @@ def _fused_forward(self: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.T
     adapters = self.__dict__[FUSED_ATTR]
     if not _fusable_now(self, adapters, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
-    if kwargs:
+    if kwargs:  # what PEFT's forward keeps from the base layer
         kwargs.pop("adapter_names", None)
-        kwargs.pop("alora_offsets", None)
+        for key in VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
     result = self.base_layer(x, *args, **kwargs)
     if type(self) is LoraLinear:
         return fused_delta_linear(self, x, result, adapters)

@@ -19,16 +19,19 @@ drop into loops that call ``backward`` themselves (gradient accumulation, fp16 G
 The flat update (default for torch's AdamW, Adam and SGD, whose updates are elementwise): each param group's
 tensors are updated as ONE flat vector. An SDXL UNet has a few thousand tiny adapter tensors (twice as many
 under Bi-LoRA); per-tensor gradient clipping and AdamW pay a fixed cost per tensor that dominates the update on
-a CPU. Per step and group the gradients are gathered into one vector (one ``cat``), clipped there, the inner
-optimizer steps that vector, and the result is copied back into the parameters (one ``_foreach_copy_``). The
-parameters stay the model's own tensors (nothing aliases them), so moving, wrapping or reloading the model
-cannot desynchronise anything; the inner optimizer's state is one vector per group. A parameter without a
-gradient (the last text-encoder layer when SDXL reads the penultimate one) is left untouched, as in the
-per-tensor update; only its slot of the moment estimates decays as a zero gradient's would.
+a CPU. Per step and group the gradients are flattened into one vector (one C++ concatenation), clipped there,
+the inner optimizer steps the parameters' vector, the auxiliary clip runs on it, and the result is copied back
+into the parameters (one ``_foreach_copy_``). The parameters stay the model's own tensors (nothing aliases
+them; safetensors refuses tensors that share storage); a model moved or cast after the optimizer was built is
+followed (the vector is rebuilt where the parameters are). A parameter without a gradient (the last
+text-encoder layer when SDXL reads the penultimate one) keeps its value and its moments, as in the per-tensor
+update; only Adam's bias correction then counts the group's steps rather than the parameter's own. State saved
+by either update loads into the other (converted), so older checkpoints resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 from collections.abc import Callable
@@ -51,7 +54,9 @@ from .fused import block_sq_norms, clip_aux_, clip_factors, grad_norm, pair_sq_n
 
 ROLE = "bilora_role"
 STEP_KEY = "bilora_step"  # kept in the param groups, so it travels with the optimizer's state_dict
-FLAT_KEY = "bilora_flat"  # param-group flag: the state was saved by the flat update (one vector per group)
+FLAT_KEY = (
+    "bilora_flat"  # param-group entry: the flat vector's layout fingerprint, or False (per-tensor state)
+)
 FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 """Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
 
@@ -64,35 +69,61 @@ class _FlatGroup:
 
     With ``pairs`` (the auxiliary branch's factor pairs), the vector is laid out in blocks of equally shaped
     pairs -- every A of a block, then every B in the same order -- so the clip reads each block as one
-    ``[n, r, in]`` and one ``[n, out, r]`` tensor without stacking copies."""
+    ``[n, r, in]`` and one ``[n, out, r]`` tensor without stacking copies. ``order[i]`` is the index in the
+    group's own parameter list of the i-th tensor of the vector."""
 
     def __init__(self, params: list[torch.Tensor], pairs: list[LoraPair] = ()) -> None:
         index = {id(p): i for i, p in enumerate(params)}
-        by_shape: dict[tuple, list[LoraPair]] = {}
+        self.by_shape: dict[tuple, list[LoraPair]] = {}
         for pair in pairs:
             if id(pair.A_param) in index and id(pair.B_param) in index:
-                by_shape.setdefault((pair.A.shape, pair.B.shape), []).append(pair)
+                self.by_shape.setdefault((pair.A.shape, pair.B.shape), []).append(pair)
         ordered = [
-            t for group in by_shape.values() for t in [q.A_param for q in group] + [q.B_param for q in group]
+            t
+            for group in self.by_shape.values()
+            for t in [q.A_param for q in group] + [q.B_param for q in group]
         ]
         placed = {id(t) for t in ordered}
         self.params = ordered + [p for p in params if id(p) not in placed]
-        numels = [p.numel() for p in self.params]
-        with torch.no_grad():
-            self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.order = [index[id(p)] for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.layout = hashlib.sha1(repr([tuple(p.shape) for p in self.params]).encode()).hexdigest()[:16]
+        """Fingerprint of the vector's layout (shapes in order), saved in the param group: state saved for
+        other adapters with the same total size is refused too."""
+        self.flat = torch.empty(0)
         self.flat_grad: torch.Tensor | None = None
-        self.views = [v.view(p.shape) for v, p in zip(self.flat.split(numels), self.params)]
+        self.missing: list[int] = []
+        self.relayout()
+
+    def relayout(self) -> None:
+        """(Re)build the vector from the parameters, on their device and in their dtype, keeping the tensor
+        object the inner optimizer holds; then its views and clip blocks."""
+        with torch.no_grad():
+            self.flat.data = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.views = [v.view(p.shape) for v, p in zip(self.flat.split(self.numels), self.params)]
         # Clip blocks: (A as [n, r, in], B as [n, out, r], s² per pair).
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         offset = 0
-        for (a_shape, b_shape), group in by_shape.items():
+        for (a_shape, b_shape), group in self.by_shape.items():
             n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
             a = self.flat[offset : offset + n * a_size].view(n, *a_shape)
             b = self.flat[offset + n * a_size : offset + n * (a_size + b_size)].view(n, *b_shape)
             scales = torch.tensor([q.scale**2 for q in group], dtype=torch.float32, device=self.flat.device)
             self.blocks.append((a, b, scales))
             offset += n * (a_size + b_size)
-        self.missing: list[int] = []
+
+    def moved(self) -> bool:
+        """Whether the parameters now live on another device or in another dtype than the vector (the model
+        was moved or cast after the optimizer was built)."""
+        first = self.params[0]
+        if first.device == self.flat.device and first.dtype == self.flat.dtype:
+            return False
+        if len({(p.device, p.dtype) for p in self.params}) != 1:
+            raise ConfigError(
+                "the flat update needs one device and dtype per param group, but the adapters were moved or cast "
+                "to several after the optimizer was built: build it after moving the model, or with flat=False"
+            )
+        return True
 
     def load_grads(self) -> bool:
         """Flatten the gradients into ``flat_grad`` (in the parameters' dtype); False when no parameter has
@@ -113,10 +144,28 @@ class _FlatGroup:
     def gather(self) -> None:
         torch._foreach_copy_(self.views, self.params)
 
-    def restore_missing(self) -> None:
-        """Parameters without a gradient keep their values (as the per-tensor update leaves them)."""
+    def save_missing(self, state: dict) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
+        """The optimizer-state slices (moments, momentum) of the parameters without a gradient, to be put back
+        after the step: the per-tensor update does not touch a parameter's state when it has no gradient."""
+        saved = []
+        if not self.missing:
+            return saved
+        starts = [0]
+        for n in self.numels:
+            starts.append(starts[-1] + n)
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == self.flat.shape:
+                for i in self.missing:
+                    part = slice(starts[i], starts[i + 1])
+                    saved.append((value, part, value[part].clone()))
+        return saved
+
+    def restore_missing(self, saved: list[tuple[torch.Tensor, slice, torch.Tensor]]) -> None:
+        """Parameters without a gradient keep their values and state (as the per-tensor update leaves them)."""
         for i in self.missing:
             self.views[i].copy_(self.params[i])
+        for value, part, old in saved:
+            value[part].copy_(old)
 
     def scatter(self) -> None:
         torch._foreach_copy_(self.params, self.views)
@@ -125,6 +174,44 @@ class _FlatGroup:
         """``||s·B·A||_F²`` of every pair of the clip blocks (as `adapters.pair_sq_norms`), in block order."""
         norms = [block_sq_norms(a, b, scales) for a, b, scales in self.blocks]
         return torch.cat(norms) if norms else self.flat.new_zeros(0, dtype=torch.float32)
+
+    # -- optimizer state of the per-tensor layout <-> this vector -------------------------------------------
+    def state_from_tensors(self, states: list[dict]) -> dict:
+        """One flat state from the per-tensor states of the group's parameters (in the group's own order).
+        Elementwise entries are concatenated in the vector's order (zeros where a parameter has none yet); the
+        step count must be the same for every parameter that has one."""
+        present = [states[i] for i in self.order if states[i]]
+        if not present:
+            return {}
+        steps = {float(st["step"]) for st in present if "step" in st}
+        if len(steps) > 1:
+            raise ValueError(
+                "per-tensor optimizer state with different step counts per parameter cannot become one flat "
+                "vector: build the optimizer with flat=False to resume it"
+            )
+        out = {}
+        for key, value in present[0].items():
+            if key == "step":
+                out[key] = value
+            elif torch.is_tensor(value):
+                pieces = []
+                for i, p in zip(self.order, self.params):
+                    v = states[i].get(key)
+                    pieces.append((v if v is not None else torch.zeros_like(p)).reshape(-1).to(value))
+                out[key] = torch.cat(pieces)
+        return out
+
+    def state_to_tensors(self, state: dict) -> list[dict]:
+        """The per-tensor states (in the group's own order) of one flat state."""
+        out: list[dict] = [{} for _ in self.params]
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == sum(self.numels):
+                for i, piece, p in zip(self.order, value.split(self.numels), self.params):
+                    out[i][key] = piece.view(p.shape).clone()
+            else:
+                for i in self.order:
+                    out[i][key] = value.clone() if torch.is_tensor(value) else value
+        return out
 
 
 def _flat_ok(optimizer_cls: type, param_groups: list[dict]) -> bool:
@@ -196,8 +283,8 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 _FlatGroup(list(g["params"]), self._aux_pairs if g[ROLE] == "aux" else ())
                 for g in self.param_groups
             ]
-            for group in self.param_groups:
-                group[FLAT_KEY] = True
+            for group, fg in zip(self.param_groups, self._flat):
+                group[FLAT_KEY] = fg.layout
             inner_groups = [
                 {**self._hyper(g), "params": [fg.flat]} for g, fg in zip(self.param_groups, self._flat)
             ]
@@ -238,15 +325,17 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved_flat = {bool(g.get(FLAT_KEY, False)) for g in state_dict.get("param_groups", [])}
-        if saved_flat and saved_flat != {self.flat}:
-            raise ValueError(
-                "optimizer state was saved with the flat update "
-                f"{'on' if True in saved_flat else 'off'} and this optimizer has it "
-                f"{'on' if self.flat else 'off'}: build the optimizer the same way (build_optimizer(..., flat=...))"
-            )
-        if self._flat is not None:
-            self._check_flat_sizes(state_dict)
+        """Loads state saved by either update: per-tensor state (e.g. a checkpoint from before the flat update)
+        is converted into the flat layout and back, so a run resumes whichever way it was saved."""
+        groups = state_dict.get("param_groups", [])
+        if len(groups) == len(self.param_groups):
+            saved_flat = [bool(g.get(FLAT_KEY, False)) for g in groups]
+            if self._flat is not None:
+                state_dict = self._to_flat_state(state_dict)
+            elif any(saved_flat):
+                state_dict = self._to_tensor_state(state_dict)
+            else:
+                self._check_tensor_state(state_dict)
         self.inner.load_state_dict(state_dict)
         if self._flat is None:
             self.param_groups = self.inner.param_groups
@@ -255,21 +344,77 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 group.update(self._hyper(inner))
         self.state = self.inner.state
 
-    def _check_flat_sizes(self, state_dict: dict) -> None:
-        """torch does not compare state sizes with the parameters; a flat vector of another size (another rank
-        or set of target modules) would fail later with a bare shape error, so say it here."""
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != len(self._flat):
-            return  # torch's own check names this one
-        for index, (group, fg) in enumerate(zip(groups, self._flat)):
-            for pid in group["params"]:
-                for key, value in state_dict.get("state", {}).get(pid, {}).items():
-                    if torch.is_tensor(value) and value.dim() == 1 and value.numel() != fg.flat.numel():
-                        raise ValueError(
-                            f"optimizer state of param group {index} ({group.get(ROLE)}) holds {key} of "
-                            f"{value.numel()} values for {fg.flat.numel()} adapter parameters: it was saved for "
-                            "other adapters (rank or target modules)"
-                        )
+    @staticmethod
+    def _other_adapters(index: int, group: dict) -> ValueError:
+        return ValueError(
+            f"optimizer state of param group {index} ({group.get(ROLE)}) was saved for other adapters "
+            "(another rank or other target modules)"
+        )
+
+    def _to_flat_state(self, state_dict: dict) -> dict:
+        """``state_dict`` in the flat layout of this optimizer, checked against its adapters."""
+        state, groups = state_dict.get("state", {}), []
+        new_state: dict = {}
+        for index, (group, fg) in enumerate(zip(state_dict["param_groups"], self._flat)):
+            flag = group.get(FLAT_KEY, False)
+            if flag:  # flat already: same layout, or at least (older files) the same size
+                if isinstance(flag, str) and flag != fg.layout:
+                    raise self._other_adapters(index, group)
+                for pid in group["params"]:
+                    for value in state.get(pid, {}).values():
+                        if torch.is_tensor(value) and value.dim() == 1 and value.numel() != fg.flat.numel():
+                            raise self._other_adapters(index, group)
+                    if pid in state:
+                        new_state[index] = state[pid]
+            else:  # per-tensor: one state per parameter, in the group's own order
+                ids = group["params"]
+                if len(ids) != len(fg.params):
+                    raise self._other_adapters(index, group)
+                per_tensor = [state.get(pid, {}) for pid in ids]
+                param_of = dict(zip(fg.order, fg.params))
+                for i, st in enumerate(per_tensor):
+                    param = param_of[i]
+                    if any(
+                        torch.is_tensor(v) and v.dim() > 0 and v.shape != param.shape for v in st.values()
+                    ):
+                        raise self._other_adapters(index, group)
+                flat_state = fg.state_from_tensors(per_tensor)
+                if flat_state:
+                    new_state[index] = flat_state
+            groups.append({**group, "params": [index], FLAT_KEY: fg.layout})
+        return {**state_dict, "state": new_state, "param_groups": groups}
+
+    def _check_tensor_state(self, state_dict: dict) -> None:
+        """torch does not compare saved state with the parameters' shapes; a mismatch would fail later with a
+        bare shape error (or not at all), so say it here."""
+        state = state_dict.get("state", {})
+        for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            if len(group["params"]) != len(mine["params"]):
+                raise self._other_adapters(index, group)
+            for pid, param in zip(group["params"], mine["params"]):
+                for value in state.get(pid, {}).values():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                        raise self._other_adapters(index, group)
+
+    def _to_tensor_state(self, state_dict: dict) -> dict:
+        """Flat ``state_dict`` in the per-tensor layout of this optimizer."""
+        state, groups = state_dict.get("state", {}), []
+        new_state: dict = {}
+        next_id = 0
+        pairs = self._aux_pairs
+        for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            fg = _FlatGroup(list(mine["params"]), pairs if mine[ROLE] == "aux" else ())
+            flag = group.get(FLAT_KEY)
+            if isinstance(flag, str) and flag != fg.layout:
+                raise self._other_adapters(index, group)
+            ids = list(range(next_id, next_id + len(fg.params)))
+            next_id += len(ids)
+            flat_state = state.get(group["params"][0], {}) if group["params"] else {}
+            if flat_state:
+                for pid, st in zip(ids, fg.state_to_tensors(flat_state)):
+                    new_state[pid] = st
+            groups.append({**group, "params": ids, FLAT_KEY: False})
+        return {**state_dict, "state": new_state, "param_groups": groups}
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_flat", None) is not None:
@@ -347,6 +492,9 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
     def _flat_step(self) -> None:
         """Clip per role, step the inner optimizer on one flat vector per group, clip the auxiliary branch on
         the vectors and copy the result into the parameters (module docstring)."""
+        for fg in self._flat:
+            if fg.moved():
+                self._relayout(fg)
         has_grad = [fg.load_grads() for fg in self._flat]
         self.last_grad_norms = {}
         for role in ("primary", "aux"):
@@ -368,18 +516,33 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         for fg, has in zip(self._flat, has_grad):
             fg.gather()
             fg.flat.grad = fg.flat_grad if has else None
+        saved = [fg.save_missing(self.inner.state.get(fg.flat, {})) for fg in self._flat]
         try:
             self.inner.step()
         finally:
-            for fg in self._flat:
+            for fg, kept in zip(self._flat, saved):
                 fg.flat.grad = fg.flat_grad = None
-                fg.restore_missing()
+                fg.restore_missing(kept)
         if self._aux_pairs:
             self._flat_clip_aux()
         for fg in self._flat:
             fg.scatter()
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             group.update(self._hyper(inner))
+
+    def _relayout(self, fg: _FlatGroup) -> None:
+        """The model was moved or cast after the optimizer was built (as torch optimizers allow): rebuild the
+        vector where the parameters are now and move its state along."""
+        fg.relayout()
+        state = self.inner.state.get(fg.flat, {})
+        fused = any(g.get("fused") or g.get("capturable") for g in self.inner.param_groups)
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                continue
+            if key != "step":
+                state[key] = value.to(device=fg.flat.device, dtype=fg.flat.dtype)
+            elif fused:  # fused/capturable AdamW keeps its step count on the parameters' device
+                state[key] = value.to(device=fg.flat.device)
 
     def _flat_clip_aux(self) -> None:
         """The auxiliary clip of `fused.clip_aux_` on the flat vectors' pair blocks (no copies): the norms from

@@ -371,21 +371,74 @@ def test_flat_update_equals_per_tensor_update_and_resumes():
         assert torch.equal(resumed[name], p), name
 
 
-def test_flat_state_dict_refuses_other_layouts_and_sizes():
+def _mlp_steps(model, opt, steps: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=gen).to(dtype), torch.randn(8, 3, generator=gen).to(dtype)
+        opt.zero_grad()
+        opt.step(lambda x=x, y=y: F.mse_loss(model(x), y).backward())
+
+
+@pytest.mark.parametrize("saved_flat", [False, True])
+def test_optimizer_state_converts_between_the_flat_and_per_tensor_layouts(saved_flat):
+    """State saved by one update (e.g. a checkpoint from before the flat update) resumes in the other and
+    continues like the uninterrupted run; state of other adapters is refused with a message."""
     config = linear_config()
-    model = attach_bilora(mlp(), config)
-    flat_opt = build_optimizer(model, config)
-    flat_opt.step(lambda: F.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward())
-    tensor_opt = build_optimizer(attach_bilora(mlp(), config), config, flat=False)
-    with pytest.raises(ValueError, match="flat update on"):
-        tensor_opt.load_state_dict(flat_opt.state_dict())
-    with pytest.raises(ValueError, match="flat update off"):
-        flat_opt.load_state_dict(tensor_opt.state_dict())
+    reference = attach_bilora(mlp(), config)
+    randomize(reference)
+    resumed = copy.deepcopy(reference)
+    ref_opt = build_optimizer(
+        reference, config, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, flat=saved_flat
+    )
+    _mlp_steps(reference, ref_opt, 2)
+    saved, weights = copy.deepcopy(ref_opt.state_dict()), copy.deepcopy(reference.state_dict())
+    _mlp_steps(reference, ref_opt, 2, seed=1)
+    resumed.load_state_dict(weights)
+    opt = build_optimizer(resumed, config, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, flat=not saved_flat)
+    opt.load_state_dict(saved)
+    _mlp_steps(resumed, opt, 2, seed=1)
+    assert_all_close(dict(resumed.named_parameters()), dict(reference.named_parameters()), rtol=1e-5)
     wider = linear_config(rank=3)
-    with pytest.raises(ValueError, match="saved for other adapters"):
-        build_optimizer(attach_bilora(mlp(), wider), wider).load_state_dict(flat_opt.state_dict())
+    for flat in (True, False):
+        other = build_optimizer(attach_bilora(mlp(), wider), wider, flat=flat)
+        with pytest.raises(ValueError, match="saved for other adapters"):
+            other.load_state_dict(saved)
     with pytest.raises(ConfigError, match="flat update needs"):
         build_optimizer(attach_bilora(mlp(), config), config, optimizer_cls=torch.optim.Adagrad, flat=True)
+
+
+def test_flat_update_follows_a_model_cast_after_the_optimizer_was_built():
+    """torch optimizers allow moving or casting the model between building them and the first step (e.g. built
+    before accelerate's prepare moves the model); so does the flat update, which rebuilds its vector (and
+    moves its state, if any) where the parameters are now."""
+    config = linear_config()
+    models = [attach_bilora(mlp(), config) for _ in range(2)]
+    randomize(models[0])
+    models[1].load_state_dict(models[0].state_dict())
+    for model, flat in zip(models, (True, False)):
+        opt = build_optimizer(model, config, lr=1e-2, flat=flat)
+        model.double()
+        _mlp_steps(model, opt, 3, seed=1, dtype=torch.float64)
+    assert opt.flat is False and models[0].get_submodule("0").lora_A.default.weight.dtype == torch.float64
+    assert_all_close(dict(models[0].named_parameters()), dict(models[1].named_parameters()), rtol=1e-5)
+
+
+def test_flat_update_leaves_params_without_a_gradient_and_their_state_alone():
+    """A parameter that gets no gradient on a step keeps its value and its momentum, as with the per-tensor
+    update (SGD with momentum: no step counter involved, so the two must agree)."""
+    config = linear_config()
+    models = [attach_bilora(mlp(), config) for _ in range(2)]
+    randomize(models[0])
+    models[1].load_state_dict(models[0].state_dict())
+    for model, flat in zip(models, (True, False)):
+        opt = build_optimizer(model, config, optimizer_cls=torch.optim.SGD, lr=1e-2, momentum=0.9, flat=flat)
+        _mlp_steps(model, opt, 1)
+        frozen = model.get_submodule("2").lora_A.default.weight
+        frozen.requires_grad_(False)  # no gradient on the next step
+        _mlp_steps(model, opt, 1, seed=1)
+        frozen.requires_grad_(True)
+        _mlp_steps(model, opt, 2, seed=2)
+    assert_all_close(dict(models[0].named_parameters()), dict(models[1].named_parameters()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("flat", [True, False])
