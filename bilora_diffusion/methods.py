@@ -54,9 +54,8 @@ from .fused import block_sq_norms, clip_aux_, clip_factors, grad_norm, pair_sq_n
 
 ROLE = "bilora_role"
 STEP_KEY = "bilora_step"  # kept in the param groups, so it travels with the optimizer's state_dict
-FLAT_KEY = (
-    "bilora_flat"  # param-group entry: the flat vector's layout fingerprint, or False (per-tensor state)
-)
+# Param-group entry: the flat vector's layout fingerprint, or False (state saved by the per-tensor update).
+FLAT_KEY = "bilora_flat"
 FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 """Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
 
