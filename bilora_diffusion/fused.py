@@ -97,7 +97,7 @@ def _fusable_now(layer: LoraLayer, adapters: Sequence[str], kwargs: dict) -> boo
     elif len(active) != len(adapters) or set(active) != set(adapters):
         return False
     dropouts = layer.lora_dropout._modules
-    return all(type(d) is nn.Identity or _no_dropout(d) for d in (dropouts[name] for name in adapters))
+    return all(_no_dropout(dropouts[name]) for name in adapters)
 
 
 def _weights(layer: LoraLayer, adapters: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -143,13 +143,6 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _cast_input(layer: LoraLayer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """PEFT's ``_cast_input_dtype`` (x to the adapter's dtype unless input casting is disabled)."""
-    if x.dtype == dtype or not getattr(layer, "cast_input_dtype_enabled", True):
-        return x
-    return x.to(dtype)
-
-
 def fused_delta_linear(
     layer: LoraLinear, x: torch.Tensor, result: torch.Tensor, adapters: Sequence[str]
 ) -> torch.Tensor:
@@ -160,7 +153,7 @@ def fused_delta_linear(
     a_weights, b_weights = _weights(layer, adapters)
     a = _cat(a_weights, 0)  # [r1 + r2, in]
     b = _cat(b_weights, 1)  # [out, r1 + r2]
-    x = _cast_input(layer, x, a.dtype)
+    x = layer._cast_input_dtype(x, a.dtype)
     h = F.linear(x, a)  # [..., r1 + r2]; under autocast in the autocast dtype
     scale = _scales(layer, adapters, h)
     alpha = 1.0
@@ -187,7 +180,7 @@ def fused_delta_conv2d(
     first = layer.lora_A[adapters[0]]
     a_weights, b_weights = _weights(layer, adapters)
     a, b = _cat(a_weights, 0), _cat(b_weights, 1)
-    x = _cast_input(layer, x, a.dtype)
+    x = layer._cast_input_dtype(x, a.dtype)
     h = F.conv2d(x, a, None, first.stride, first.padding, first.dilation)  # [N, r1 + r2, H', W']
     scale = _scales(layer, adapters, h)
     h = (h * (scale if isinstance(scale, float) else scale.view(1, -1, 1, 1))).to(h.dtype)

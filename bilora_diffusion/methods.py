@@ -344,13 +344,11 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         is converted into the flat layout and back, so a run resumes whichever way it was saved."""
         groups = state_dict.get("param_groups", [])
         if len(groups) == len(self.param_groups):
-            saved_flat = [bool(g.get(FLAT_KEY, False)) for g in groups]
+            self._check_tensor_state(state_dict)
             if self._flat is not None:
                 state_dict = self._to_flat_state(state_dict)
-            elif any(saved_flat):
+            elif any(g.get(FLAT_KEY, False) for g in groups):
                 state_dict = self._to_tensor_state(state_dict)
-            else:
-                self._check_tensor_state(state_dict)
         self.inner.load_state_dict(state_dict)
         if self._flat is None:
             self.param_groups = self.inner.param_groups
@@ -381,29 +379,21 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                             raise self._other_adapters(index, group)
                     if pid in state:
                         new_state[index] = state[pid]
-            else:  # per-tensor: one state per parameter, in the group's own order
-                ids = group["params"]
-                if len(ids) != len(fg.params):
-                    raise self._other_adapters(index, group)
-                per_tensor = [state.get(pid, {}) for pid in ids]
-                param_of = dict(zip(fg.order, fg.params))
-                for i, st in enumerate(per_tensor):
-                    param = param_of[i]
-                    if any(
-                        torch.is_tensor(v) and v.dim() > 0 and v.shape != param.shape for v in st.values()
-                    ):
-                        raise self._other_adapters(index, group)
-                flat_state = fg.state_from_tensors(per_tensor)
+            else:  # per-tensor (checked by _check_tensor_state): one state per parameter, in the group's order
+                flat_state = fg.state_from_tensors([state.get(pid, {}) for pid in group["params"]])
                 if flat_state:
                     new_state[index] = flat_state
             groups.append({**group, "params": [index], FLAT_KEY: fg.layout})
         return {**state_dict, "state": new_state, "param_groups": groups}
 
     def _check_tensor_state(self, state_dict: dict) -> None:
-        """torch does not compare saved state with the parameters' shapes; a mismatch would fail later with a
-        bare shape error (or not at all), so say it here."""
+        """The groups saved by the per-tensor update, against this optimizer's parameters: torch does not
+        compare saved state with the parameters' shapes, and a mismatch would fail later with a bare shape
+        error (or not at all), so say it here."""
         state = state_dict.get("state", {})
         for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            if group.get(FLAT_KEY, False):
+                continue
             if len(group["params"]) != len(mine["params"]):
                 raise self._other_adapters(index, group)
             for pid, param in zip(group["params"], mine["params"]):
