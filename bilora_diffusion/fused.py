@@ -43,6 +43,7 @@ from torch import nn
 
 from .adapters import LoraPair, ModelOrModels, _models
 from .config import AUX, PRIMARY
+from .packed import can_pack, pack_layer, packed_factors, unpack_layer
 
 FUSED_ATTR = "_bilora_fused_adapters"
 """Instance attribute that marks a layer as fused; it holds the adapter names the fast path serves."""
@@ -150,9 +151,13 @@ def fused_delta_linear(
 
     x: [..., in]; result: [..., out] (the base layer's output). Returns [..., out] in result's dtype.
     """
-    a_weights, b_weights = _weights(layer, adapters)
-    a = _cat(a_weights, 0)  # [r1 + r2, in]
-    b = _cat(b_weights, 1)  # [out, r1 + r2]
+    packed = packed_factors(layer)
+    if packed is not None:  # `bilora_diffusion.packed`: [A1; A2] and [B1, B2] are the leaves themselves
+        a, b = packed
+    else:
+        a_weights, b_weights = _weights(layer, adapters)
+        a = _cat(a_weights, 0)  # [r1 + r2, in]
+        b = _cat(b_weights, 1)  # [out, r1 + r2]
     x = layer._cast_input_dtype(x, a.dtype)
     h = F.linear(x, a)  # [..., r1 + r2]; under autocast in the autocast dtype
     scale = _scales(layer, adapters, h)
@@ -214,13 +219,14 @@ class _FusedForward:
         return _fused_forward(self.layer, x, *args, **kwargs)
 
 
-def enable_fused(model: ModelOrModels, adapters: Sequence[str] = (PRIMARY, AUX)) -> int:
+def enable_fused(model: ModelOrModels, adapters: Sequence[str] = (PRIMARY, AUX), pack: bool = True) -> int:
     """Install the fused forward on every LoRA layer of ``model`` that carries ``adapters`` and whose type
     allows it (see `can_fuse`); returns how many layers got it. Idempotent.
 
     ``adapters`` is the exact set of active adapters the fast path serves; with any other set active the layer
     runs PEFT's forward. The default is the Bi-LoRA pair; ``(PRIMARY,)`` gives a single LoRA the same
-    single-GEMM-plus-addmm forward (the benchmark's like-for-like reference).
+    single-GEMM-plus-addmm forward (the benchmark's like-for-like reference). ``pack``: Linear layers with two
+    or more branches also get packed storage (`bilora_diffusion.packed`), so the forward concatenates nothing.
     """
     adapters = tuple(adapters)
     count = 0
@@ -229,16 +235,20 @@ def enable_fused(model: ModelOrModels, adapters: Sequence[str] = (PRIMARY, AUX))
             if isinstance(layer, LoraLayer) and can_fuse(layer, adapters):
                 layer.__dict__[FUSED_ATTR] = adapters
                 layer.forward = _FusedForward(layer)
+                if pack and can_pack(layer, adapters):
+                    pack_layer(layer, adapters)
                 count += 1
     return count
 
 
 def disable_fused(model: ModelOrModels) -> int:
-    """Remove the fused forward from every layer of ``model`` (PEFT's forward again); returns how many."""
+    """Remove the fused forward (and packed storage) from every layer of ``model`` (PEFT's forward and
+    parameters again); returns how many."""
     count = 0
     for root in _models(model):
         for layer in root.modules():
             if FUSED_ATTR in layer.__dict__:
+                unpack_layer(layer)
                 del layer.__dict__[FUSED_ATTR]
                 layer.__dict__.pop("forward", None)
                 layer.__dict__.pop("_bilora_scale_cache", None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import math
 from collections.abc import Callable
 
@@ -51,6 +52,9 @@ from .adapters import (
 )
 from .config import AUX, AUX_METHODS, METHODS, ONE_PASS_METHODS, PRIMARY, BiLoRAConfig, ConfigError
 from .fused import block_sq_norms, clip_aux_, clip_factors, grad_norm, pair_sq_norms_batched
+from .packed import packed_parameters, sync, unpack
+
+logger = logging.getLogger(__name__)
 
 ROLE = "bilora_role"
 STEP_KEY = "bilora_step"  # kept in the param groups, so it travels with the optimizer's state_dict
@@ -274,6 +278,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         self.total_steps = total_steps
         self.seed = seed
         self._models = _models(model)
+        sync(self._models)  # packed views re-aliased after a cast, so the groups' dtypes are the real ones
         self._native_maximize = _supports_maximize(optimizer_cls)
         ascend = method == "bilora"
         for group in param_groups:
@@ -289,6 +294,11 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 f"flat update needs one of {', '.join(c.__name__ for c in FLAT_OPTIMIZERS)} and parameters of "
                 f"one device and dtype per group; got {optimizer_cls.__name__}"
             )
+        if not flat and unpack(self._models):
+            # Packed storage makes PEFT's B's column views; per-tensor optimizers (bitsandbytes' kernels) want
+            # parameters of their own. The fused forward then concatenates per call.
+            logger.info("per-tensor optimizer update: packed adapter storage unpacked")
+        self._packed = packed_parameters(self._models)
         self._aux_pairs = branch_pairs(self._models, AUX)
         self._flat: list[_FlatGroup] | None = None
         if flat:
@@ -420,6 +430,17 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                     new_state[pid] = st
             groups.append({**group, "params": ids, FLAT_KEY: False})
         return {**state_dict, "state": new_state, "param_groups": groups}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also clears the packed tensors' gradients (`bilora_diffusion.packed`), whose views PEFT's
+        parameters hold as theirs."""
+        super().zero_grad(set_to_none)
+        for p in self._packed:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_flat", None) is not None:

@@ -86,10 +86,15 @@ def test_forward_clip_projection(tiny_sdxl):
 
 
 def test_attach_freezes_base_and_starts_b2_at_zero(tiny_sdxl):
+    unfused = attach_bilora(copy.deepcopy(tiny_sdxl["unet"]), BiLoRAConfig(fused=False))
     unet = attach_bilora(tiny_sdxl["unet"], BiLoRAConfig())
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert any(f".{AUX}." in n for n in trainable) and any(f".{PRIMARY}." in n for n in trainable)
+    # Fused Linear layers train their packed [A1; A2] and [B1, B2]; PEFT's tensors are views of them.
+    assert trainable and all(n.endswith((".packed_A", ".packed_B")) for n in trainable)
+    adapters = {n for n in unet.state_dict() if ".lora_" in n}
+    assert any(f".{AUX}." in n for n in adapters) and any(f".{PRIMARY}." in n for n in adapters)
+    trainable = {n for n, p in unfused.named_parameters() if p.requires_grad}
+    assert trainable == adapters
     for layer in bilora_layers(unet):
         assert set(layer.active_adapters) == {PRIMARY, AUX}
         assert torch.count_nonzero(layer.lora_B[AUX].weight) == 0
@@ -204,7 +209,7 @@ def explicit_aux_norm(model) -> float:
 def big_gradient_step(clip: str, rho: float = 0.05):
     model = attach_bilora(mlp(), linear_config(clip=clip, rho=rho))
     randomize(model, scale=0.5)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: p.clone() for n, p in model.state_dict().items()}
     opt = build_optimizer(model, linear_config(clip=clip, rho=rho), optimizer_cls=torch.optim.SGD, lr=1.0)
     x, y = torch.randn(16, 6) * 10, torch.randn(16, 3) * 10
     opt.step(lambda: F.mse_loss(model(x), y).backward())
@@ -226,8 +231,8 @@ def test_global_clip_scales_every_aux_tensor_by_one_factor():
     assert aux_norm(clipped) == pytest.approx(0.05, rel=1e-5)
     assert opt.last_aux_norm == pytest.approx(0.05, rel=1e-5)
     factor = (0.05 / c) ** 0.5
-    ref = dict(unclipped.named_parameters())
-    for name, p in clipped.named_parameters():
+    ref = unclipped.state_dict()  # PEFT's tensors (of packed layers too: `bilora_diffusion.packed`)
+    for name, p in clipped.state_dict().items():
         if f".{AUX}." in name:
             torch.testing.assert_close(p, ref[name] * factor, rtol=1e-5, atol=1e-7)
         elif f".{PRIMARY}." in name:  # the primary is never touched by the clip
@@ -368,7 +373,8 @@ def test_aux_disabled_equals_primary_only_model():
     with aux_disabled(model):
         torch.testing.assert_close(model(x), primary_only(x))
     assert not torch.allclose(model(x), primary_only(x))  # restored afterwards
-    assert all(p.requires_grad for n, p in model.named_parameters() if AUX in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if AUX in n)  # views of packed ones
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.endswith(("packed_A", "packed_B")))
 
 
 def test_primary_state_dict_has_no_auxiliary_key():
@@ -443,7 +449,7 @@ def test_optimizer_without_native_maximize_negates_gradients():
         opt = build_optimizer(model, linear_config(clip="none"), optimizer_cls=cls, lr=0.05)
         x, y = torch.randn(8, 6), torch.randn(8, 3)
         opt.step(lambda m=model: F.mse_loss(m(x), y).backward())
-        results.append([p.detach().clone() for p in model.parameters()])
+        results.append(list(model.state_dict().values()))
     for p, q in zip(*results):
         torch.testing.assert_close(p, q)
 
