@@ -52,7 +52,7 @@ from .adapters import (
 )
 from .config import AUX, AUX_METHODS, METHODS, ONE_PASS_METHODS, PRIMARY, BiLoRAConfig, ConfigError
 from .fused import block_sq_norms, clip_aux_, clip_factors, grad_norm, pair_sq_norms_batched
-from .packed import packed_parameters, sync, unpack
+from .packed import packed_parameters, packed_sources, packing_changed, sync, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,176 @@ FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 """Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
 
 
+class _FlatSource:
+    """Where the flat vectors' values live: the tensors the model trains -- each packed tensor of a packed layer
+    (`bilora_diffusion.packed`; PEFT's parameters of both branches are views of it) and every other parameter --
+    flattened into one buffer ``buffer``, in the order the groups' vectors first need them. A group whose
+    tensors lie in the buffer in its own order (every group without packed layers) is a slice of it; the
+    others (primary and auxiliary rows of the packed tensors interleave) read it with one ``index_select`` and
+    write back with one ``index_copy_``. The trained tensors are not aliased: ``gather`` copies them into the
+    buffer and ``scatter`` copies the result out (one ``_foreach_copy_`` each; the gradients are flattened
+    with one C++ concatenation). On CUDA the buffers exist only during the step (``release``; the caching
+    allocator makes the next step's allocation free), so they add nothing to the forward/backward's peak
+    memory. On a CPU they are kept between steps: rebuilding them per step (fresh pages, thousands of views)
+    was measured to double the update's time."""
+
+    def __init__(self, groups: list[_FlatGroup], models: list[nn.Module]) -> None:
+        self.groups = groups
+        self.models = models
+        packed, self.packing = packed_sources(models)
+        self.tensors: list[torch.Tensor] = []
+        self.packed: list[int] = []
+        """Indices of the packed tensors: hidden from state dicts, so on a CPU they live in the buffer itself."""
+        where: dict[int, int] = {}
+        pieces: list[list[torch.Tensor]] = []  # per group: the element positions of every parameter
+        for fg in groups:
+            fg.sources, positions = [], []
+            for p in fg.params:
+                tensor, part = packed.get(id(p), (p, None))
+                if id(tensor) not in where:
+                    where[id(tensor)] = len(self.tensors)
+                    self.tensors.append(tensor)
+                    if part is not None:
+                        self.packed.append(where[id(tensor)])
+                fg.sources.append(where[id(tensor)])
+                positions.append((where[id(tensor)], part))
+            pieces.append(positions)
+        self.numels = [t.numel() for t in self.tensors]
+        starts = [0]
+        for n in self.numels:
+            starts.append(starts[-1] + n)
+        for fg, positions in zip(groups, pieces):
+            flat_index = []
+            for k, part in positions:
+                shape = self.tensors[k].shape
+                flat_index.append(
+                    torch.arange(starts[k], starts[k + 1]).view(shape)[part].reshape(-1)
+                    if part is not None
+                    else torch.arange(starts[k], starts[k + 1])
+                )
+            index = torch.cat(flat_index) if flat_index else torch.zeros(0, dtype=torch.long)
+            first = int(index[0]) if index.numel() else 0
+            if torch.equal(index, torch.arange(first, first + index.numel())):
+                fg.span, fg.index = (first, first + index.numel()), None
+            else:
+                fg.span, fg.index = None, index
+        self.buffer = torch.empty(0)
+        self.views: list[torch.Tensor] = []
+        self.relayout()
+
+    def relayout(self) -> None:
+        """Empty buffers on the trained tensors' device and dtype (the vectors keep the tensor objects the inner
+        optimizer holds); made again at the next `gather`."""
+        first = self.tensors[0].detach()
+        self.buffer = first.new_empty(0)
+        self.views = []
+        self.copied: list[int] = []
+        self.aliased_ptrs: list[int] = []
+        self.keep = first.device.type != "cuda"
+        for fg in self.groups:
+            fg.flat.data = first.new_empty(0)
+            fg.views, fg.blocks = [], []
+            if fg.index is not None:
+                fg.index = fg.index.to(first.device)
+
+    def stale(self) -> bool:
+        """Whether a layer was packed or unpacked since (`bilora_diffusion.packed`): the source is rebuilt (the
+        groups' vectors and state keep their layout)."""
+        return packing_changed(self.packing)
+
+    def moved(self) -> bool:
+        """Whether the trained tensors now live on another device or in another dtype than the buffers (the
+        model was moved or cast after the optimizer was built)."""
+        first = self.tensors[0]
+        if first.device == self.buffer.device and first.dtype == self.buffer.dtype:
+            return False
+        if len({(t.device, t.dtype) for t in self.tensors}) != 1:
+            raise ConfigError(
+                "the flat update needs one device and dtype for the adapters, but they were moved or cast to "
+                "several after the optimizer was built: build it after moving the model, or with flat=False"
+            )
+        return True
+
+    def gather(self) -> None:
+        """The trained tensors into the buffer, and every group's vector from it. On a CPU the packed tensors
+        are views of the buffer (their values are there already; PEFT's views follow them), so only the other
+        tensors are copied."""
+        fresh = not self.views or (self.keep and not self._aliased())
+        if fresh:
+            self.buffer = _flatten_dense_tensors(self.tensors)
+            self.views = _unflatten_dense_tensors(self.buffer, self.tensors)
+            self.copied = [k for k in range(len(self.tensors)) if not (self.keep and k in set(self.packed))]
+            if self.keep and self.packed:
+                for k in self.packed:
+                    self.tensors[k].data = self.views[k]
+                sync(self.models)  # PEFT's views onto the packed tensors' new storage
+                self.aliased_ptrs = [self.tensors[k].data_ptr() for k in self.packed]
+        elif self.copied:
+            torch._foreach_copy_([self.views[k] for k in self.copied], [self.tensors[k] for k in self.copied])
+        for fg in self.groups:
+            if fg.span is not None:
+                if fresh:
+                    fg.flat.data = self.buffer[fg.span[0] : fg.span[1]]
+            else:
+                if fresh:
+                    fg.flat.data = self.buffer.new_empty(fg.total)
+                torch.index_select(self.buffer, 0, fg.index, out=fg.flat.data)
+            if fresh:
+                fg.build_views()
+
+    def _aliased(self) -> bool:
+        """Whether the packed tensors are still the buffer's views (a move or cast gives them new storage)."""
+        return [self.tensors[k].data_ptr() for k in self.packed] == self.aliased_ptrs
+
+    def load_grads(self) -> list[bool]:
+        """Every group's ``flat_grad`` (in the vectors' dtype) and ``missing`` (its parameters whose tensor has
+        no gradient: they get zeros here and are put back by `restore_missing` after the step); per group,
+        whether any of its parameters has a gradient."""
+        grads = [t.grad for t in self.tensors]
+        missing = {k for k, g in enumerate(grads) if g is None}
+        for k in missing:
+            grads[k] = torch.zeros_like(self.tensors[k])
+        dtype = self.buffer.dtype
+        # One C++ concatenation (what DDP and apex use) instead of a Python loop over thousands of tensors.
+        flat = _flatten_dense_tensors([g if g.dtype == dtype else g.to(dtype) for g in grads])
+        has_grad = []
+        for fg in self.groups:
+            fg.missing = [i for i, k in enumerate(fg.sources) if k in missing] if missing else []
+            has = len(fg.missing) < len(fg.params)
+            has_grad.append(has)
+            if not has:
+                fg.flat_grad = None
+            elif fg.span is not None:
+                fg.flat_grad = flat[fg.span[0] : fg.span[1]]
+            else:
+                fg.flat_grad = flat.index_select(0, fg.index)
+        return has_grad
+
+    def scatter(self) -> None:
+        """Every group's vector into the buffer, the buffer into the trained tensors (the packed ones are the
+        buffer on a CPU)."""
+        for fg in self.groups:
+            if fg.index is not None:
+                self.buffer.index_copy_(0, fg.index, fg.flat)
+        if self.copied:
+            torch._foreach_copy_([self.tensors[k] for k in self.copied], [self.views[k] for k in self.copied])
+
+    def release(self) -> None:
+        for fg in self.groups:
+            fg.flat_grad = None
+        if not self.keep:
+            self.buffer, self.views = self.buffer.new_empty(0), []
+            for fg in self.groups:
+                fg.flat.data = self.buffer.new_empty(0)
+                fg.views, fg.blocks = [], []
+
+
 class _FlatGroup:
     """One param group's tensors as one flat vector ``flat`` (the inner optimizer's parameter), with views of it
-    shaped like the parameters. The parameters themselves are not aliased: ``gather`` copies them into the
-    vector, ``scatter`` copies the result out (one ``_foreach_copy_`` each). The gradient vector ``flat_grad``
-    exists only during the step. On CUDA so does the vector (``release`` empties the storage of the tensor
-    object the inner optimizer holds; the caching allocator makes the next step's allocation free), so neither
-    adds to the forward/backward's peak memory. On a CPU the vector and its views are kept between steps:
-    rebuilding them per step (fresh pages, thousands of views) was measured to double the update's time.
+    shaped like the parameters. The values come from and go back to the optimizer's `_FlatSource` (the
+    parameters, or the packed tensors PEFT's parameters are views of); ``flat`` is a slice of the source's
+    buffer when the group's tensors lie there in order (no copy), else gathered with one ``index_select``.
+    The gradient vector ``flat_grad`` exists only during the step.
 
     With ``pairs`` (the auxiliary branch's factor pairs), the vector is laid out in blocks of equally shaped
     pairs -- every A of a block, then every B in the same order -- so the clip reads each block as one
@@ -102,24 +264,18 @@ class _FlatGroup:
         self.views: list[torch.Tensor] = []
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.missing: list[int] = []
-        self.relayout()
+        self.sources: list[int] = []
+        """Index in the source of each parameter's tensor (set by `_FlatSource`)."""
+        self.span: tuple[int, int] | None = None
+        """(start, end) in the source buffer when the vector is that slice of it."""
+        self.index: torch.Tensor | None = None
+        """Otherwise the position in the source buffer of each of the vector's elements."""
 
-    def relayout(self) -> None:
-        """Put the (empty) vector on the parameters' device and dtype, keeping the tensor object the inner
-        optimizer holds; buffers are made again at the next `gather`."""
-        self.flat.data = self.params[0].detach().new_empty(0)
-        self.keep = self.flat.device.type != "cuda"
-        self.views, self.blocks = [], []
-
-    def gather(self) -> None:
-        """The parameters into the vector; its views and clip blocks (A as [n, r, in], B as [n, out, r], s² per
-        pair)."""
-        if self.views:  # kept from the last step
-            torch._foreach_copy_(self.views, self.params)
-            return
-        self.flat.data = _flatten_dense_tensors(self.params)
+    def build_views(self) -> None:
+        """Views of the vector shaped like the parameters, and the clip blocks (A as [n, r, in], B as
+        [n, out, r], s² per pair)."""
         self.views = _unflatten_dense_tensors(self.flat, self.params)
-        offset = 0
+        self.blocks, offset = [], 0
         for (a_shape, b_shape), group in self.by_shape.items():
             n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
             a = self.flat[offset : offset + n * a_size].view(n, *a_shape)
@@ -127,41 +283,6 @@ class _FlatGroup:
             scales = torch.tensor([q.scale**2 for q in group], dtype=torch.float32, device=self.flat.device)
             self.blocks.append((a, b, scales))
             offset += n * (a_size + b_size)
-
-    def release(self) -> None:
-        self.flat_grad = None
-        if not self.keep:
-            self.views, self.blocks = [], []
-            self.flat.data = self.flat.new_empty(0)
-
-    def moved(self) -> bool:
-        """Whether the parameters now live on another device or in another dtype than the vector (the model
-        was moved or cast after the optimizer was built)."""
-        first = self.params[0]
-        if first.device == self.flat.device and first.dtype == self.flat.dtype:
-            return False
-        if len({(p.device, p.dtype) for p in self.params}) != 1:
-            raise ConfigError(
-                "the flat update needs one device and dtype per param group, but the adapters were moved or cast "
-                "to several after the optimizer was built: build it after moving the model, or with flat=False"
-            )
-        return True
-
-    def load_grads(self) -> bool:
-        """Flatten the gradients into ``flat_grad`` (in the parameters' dtype); False when no parameter has
-        one. Parameters without one get a zero gradient here and are put back by `restore_missing` after the
-        step."""
-        grads = [p.grad for p in self.params]
-        self.missing = [i for i, g in enumerate(grads) if g is None]
-        if len(self.missing) == len(grads):
-            self.flat_grad = None
-            return False
-        for i in self.missing:
-            grads[i] = torch.zeros_like(self.params[i])
-        dtype = self.flat.dtype
-        # One C++ concatenation (what DDP and apex use) instead of a Python loop over thousands of tensors.
-        self.flat_grad = _flatten_dense_tensors([g if g.dtype == dtype else g.to(dtype) for g in grads])
-        return True
 
     def save_missing(self, state: dict) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
         """The optimizer-state slices (moments, momentum) of the parameters without a gradient, to be put back
@@ -185,9 +306,6 @@ class _FlatGroup:
             self.views[i].copy_(self.params[i])
         for value, part, old in saved:
             value[part].copy_(old)
-
-    def scatter(self) -> None:
-        torch._foreach_copy_(self.params, self.views)
 
     def pair_sq_norms(self) -> torch.Tensor:
         """``||s·B·A||_F²`` of every pair of the clip blocks (as `adapters.pair_sq_norms`), in block order."""
@@ -308,6 +426,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 _FlatGroup(list(g["params"]), self._aux_pairs if g[ROLE] == "aux" else ())
                 for g in self.param_groups
             ]
+            self._source = _FlatSource(self._flat, self._models)
             for group, fg in zip(self.param_groups, self._flat):
                 group[FLAT_KEY] = fg.layout
             inner_groups = [
@@ -517,11 +636,13 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
 
     def _flat_step(self) -> None:
         """Clip per role, step the inner optimizer on one flat vector per group, clip the auxiliary branch on
-        the vectors and copy the result into the parameters (module docstring)."""
-        for fg in self._flat:
-            if fg.moved():
-                self._relayout(fg)
-        has_grad = [fg.load_grads() for fg in self._flat]
+        the vectors and copy the result into the trained tensors (module docstring)."""
+        source = self._source
+        if source.stale():
+            self._rebuild_source()
+        if source.moved():
+            self._relayout()
+        has_grad = source.load_grads()
         self.last_grad_norms = {}
         for role in ("primary", "aux"):
             grads = [
@@ -539,8 +660,8 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                     g.mul_(coef.to(g.dtype))
             self.last_grad_norms[role] = float(norm)
         self._sync_inner()
+        source.gather()
         for fg, has in zip(self._flat, has_grad):
-            fg.gather()
             fg.flat.grad = fg.flat_grad if has else None
         saved = [fg.save_missing(self.inner.state.get(fg.flat, {})) for fg in self._flat]
         try:
@@ -551,25 +672,30 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 fg.restore_missing(kept)
         if self._aux_pairs:
             self._flat_clip_aux()
-        for fg in self._flat:
-            fg.scatter()
-            fg.release()
+        source.scatter()
+        source.release()
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             group.update(self._hyper(inner))
 
-    def _relayout(self, fg: _FlatGroup) -> None:
+    def _rebuild_source(self) -> None:
+        """Layers were packed or unpacked after the optimizer was built: read the adapters from where they
+        live now (the vectors, and so the state, keep their layout)."""
+        self._source = _FlatSource(self._flat, self._models)  # the inner optimizer keeps the vectors' objects
+
+    def _relayout(self) -> None:
         """The model was moved or cast after the optimizer was built (as torch optimizers allow): rebuild the
-        vector where the parameters are now and move its state along."""
-        fg.relayout()
-        state = self.inner.state.get(fg.flat, {})
+        vectors where the adapters are now and move their state along."""
+        self._source.relayout()
         fused = any(g.get("fused") or g.get("capturable") for g in self.inner.param_groups)
-        for key, value in state.items():
-            if not torch.is_tensor(value):
-                continue
-            if key != "step":
-                state[key] = value.to(device=fg.flat.device, dtype=fg.flat.dtype)
-            elif fused:  # fused/capturable AdamW keeps its step count on the parameters' device
-                state[key] = value.to(device=fg.flat.device)
+        for fg in self._flat:
+            state = self.inner.state.get(fg.flat, {})
+            for key, value in state.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key != "step":
+                    state[key] = value.to(device=fg.flat.device, dtype=fg.flat.dtype)
+                elif fused:  # fused/capturable AdamW keeps its step count on the parameters' device
+                    state[key] = value.to(device=fg.flat.device)
 
     def _flat_clip_aux(self) -> None:
         """The auxiliary clip of `fused.clip_aux_` on the flat vectors' pair blocks (no copies): the norms from
@@ -597,12 +723,10 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         if self._flat is None:
             self.last_aux_norm = clip_aux_(self._aux_pairs, self.config.rho, self.config.clip)
             return
-        for fg in self._flat:
-            fg.gather()
+        self._source.gather()
         self._flat_clip_aux()
-        for fg in self._flat:
-            fg.scatter()
-            fg.release()
+        self._source.scatter()
+        self._source.release()
 
     # -- lora-sam -----------------------------------------------------------------------------------
     def _sam_passes(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,10 @@ PACKED_A, PACKED_B = "packed_A", "packed_B"
 _PACKED_NAMES = (PACKED_A, PACKED_B)
 
 
+_generation = [0]
+"""Counts packings and unpackings (the flat update rebuilds where it reads the adapters from when it changes)."""
+
+
 class _Packed:
     """A layer's packed layout: which adapters, their ranks, PEFT's parameters with their slices, the storage
     pointers as last aliased, and the packed_A parameter the gradient hook is registered on. Copies and
@@ -74,7 +78,7 @@ class _Packed:
             for view, which, index in views:
                 view.data = packed[which].data[index]
             new.packed, new.views = packed, views
-            new.ptrs = (packed[PACKED_A].data_ptr(), packed[PACKED_B].data_ptr(), *(v.data_ptr() for v, _, _ in views))
+            new.ptrs = _ptrs(packed, views)
         return new
 
     def __getstate__(self) -> dict:
@@ -108,10 +112,13 @@ def _views(layer: LoraLayer, record: _Packed) -> list[tuple[nn.Parameter, str, o
     return out
 
 
+def _ptrs(packed: dict, views: list) -> tuple[int, ...]:
+    """Storage pointers of the packed tensors and of PEFT's views (compared to detect new storage)."""
+    return (packed[PACKED_A].data_ptr(), packed[PACKED_B].data_ptr(), *(v.data_ptr() for v, _, _ in views))
+
+
 def _pointers(layer: LoraLayer, record: _Packed) -> tuple[int, ...]:
-    params = layer._parameters
-    views = record.views or _views(layer, record)
-    return (params[PACKED_A].data_ptr(), params[PACKED_B].data_ptr(), *(v.data_ptr() for v, _, _ in views))
+    return _ptrs(layer._parameters, record.views or _views(layer, record))
 
 
 def pack_layer(layer: LoraLayer, adapters: Sequence[str]) -> None:
@@ -126,6 +133,7 @@ def pack_layer(layer: LoraLayer, adapters: Sequence[str]) -> None:
         layer.register_parameter(PACKED_B, nn.Parameter(torch.cat([w.detach() for w in b_w], 1), trainable))
     record = _Packed(adapters, [w.shape[0] for w in a_w])
     layer.__dict__[PACK_ATTR] = record
+    _generation[0] += 1
     for w in a_w + b_w:
         w.requires_grad_(False)
     if not getattr(layer, "_bilora_pack_hooks", False):  # registered once; they do nothing once unpacked
@@ -176,10 +184,12 @@ def packed_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor] | None
     if record is None:
         return None
     params = layer._parameters
-    pa = params[PACKED_A]
-    if record.hooked is not pa or _pointers(layer, record) != record.ptrs:
+    pa, pb = params[PACKED_A], params[PACKED_B]
+    # Cheap per-call check: a copy or unpickled layer (no hook yet), or packed tensors moved or cast. (A view
+    # given storage of its own is caught by the full checks of state_dict, load_state_dict, build_optimizer.)
+    if record.hooked is not pa or pa.data_ptr() != record.ptrs[0] or pb.data_ptr() != record.ptrs[1]:
         sync_layer(layer)
-    return pa, params[PACKED_B]
+    return pa, pb
 
 
 class _GradViews:
@@ -191,16 +201,16 @@ class _GradViews:
         self.layer = layer
 
     def __call__(self, packed_a: torch.Tensor) -> None:
-        layer = self.layer
-        record = layer.__dict__.get(PACK_ATTR)
-        if record is None or layer._parameters.get(PACKED_A) is not packed_a:
+        record = self.layer.__dict__.get(PACK_ATTR)
+        if record is None or record.hooked is not packed_a:
             return
-        sync_layer(layer)
-        params = layer._parameters
-        for view, which, index in record.views:
-            grad = params[which].grad
-            if grad is not None and (view.grad is None or view.grad._base is not grad):
-                view.grad = grad[index]
+        views = record.views  # [A1, B1, A2, B2]
+        for view, part in zip(views[::2], packed_a.grad.split(record.ranks, 0)):
+            view[0].grad = part
+        grad_b = self.layer._parameters[PACKED_B].grad
+        if grad_b is not None:
+            for view, part in zip(views[1::2], grad_b.split(record.ranks, 1)):
+                view[0].grad = part
 
 
 def _state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -248,6 +258,7 @@ def unpack_layer(layer: LoraLayer) -> None:
     for name in _PACKED_NAMES:
         del layer._parameters[name]
     del layer.__dict__[PACK_ATTR]
+    _generation[0] += 1
 
 
 def _packed_layers(model: ModelOrModels) -> list[LoraLayer]:
@@ -268,6 +279,23 @@ def unpack(model: ModelOrModels) -> int:
     return len(layers)
 
 
+def packed_sources(model: ModelOrModels) -> tuple[dict[int, tuple[nn.Parameter, object]], int]:
+    """For the flat update: ``{id(PEFT parameter): (its packed tensor, its slice)}`` over every packed layer,
+    and a token for `packing_changed`."""
+    sources = {}
+    for layer in _packed_layers(model):
+        sync_layer(layer)
+        record = layer.__dict__[PACK_ATTR]
+        for view, which, index in record.views:
+            sources[id(view)] = (layer._parameters[which], index)
+    return sources, _generation[0]
+
+
+def packing_changed(token: int) -> bool:
+    """Whether a layer (of any model) was packed or unpacked since `packed_sources` returned ``token``."""
+    return token != _generation[0]
+
+
 def packed_parameters(model: ModelOrModels) -> list[nn.Parameter]:
     """The packed tensors of every packed layer (the optimizer clears their gradients with its own)."""
     return [layer._parameters[name] for layer in _packed_layers(model) for name in _PACKED_NAMES]
@@ -281,6 +309,8 @@ __all__ = [
     "pack_layer",
     "packed_factors",
     "packed_parameters",
+    "packed_sources",
+    "packing_changed",
     "sync",
     "sync_layer",
     "unpack",
