@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -62,6 +63,19 @@ STEP_KEY = "bilora_step"  # kept in the param groups, so it travels with the opt
 FLAT_KEY = "bilora_flat"
 FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 """Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
+
+
+def _block_views(flat: torch.Tensor, by_shape: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The clip blocks of a group's vector (or of a vector in its layout): per block of n equally shaped pairs,
+    the A's as [n, r, in] and the B's as [n, out, r] (they lie at the start of the vector, block by block)."""
+    out, offset = [], 0
+    for (a_shape, b_shape), group in by_shape.items():
+        n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
+        a = flat[offset : offset + n * a_size].view(n, *a_shape)
+        b = flat[offset + n * a_size : offset + n * (a_size + b_size)].view(n, *b_shape)
+        out.append((a, b))
+        offset += n * (a_size + b_size)
+    return out
 
 
 class _FlatSource:
@@ -103,23 +117,63 @@ class _FlatSource:
         for n in self.numels:
             starts.append(starts[-1] + n)
         for fg, positions in zip(groups, pieces):
-            flat_index = []
-            for k, part in positions:
-                shape = self.tensors[k].shape
-                flat_index.append(
-                    torch.arange(starts[k], starts[k + 1]).view(shape)[part].reshape(-1)
-                    if part is not None
-                    else torch.arange(starts[k], starts[k + 1])
+            fg.span, fg.index, fg.recipes = None, None, None
+            first = starts[positions[0][0]] if positions else 0
+            if all(part is None for _, part in positions) and [starts[k] for k, _ in positions] == [
+                first + o for o in itertools.accumulate([0, *fg.numels[:-1]])
+            ]:
+                fg.span = (first, first + fg.total)  # the group's tensors lie in the buffer in its order
+                continue
+            fg.recipes = self._block_recipes(fg, positions, starts)
+            if fg.recipes is None:  # irregular (e.g. packed and unpacked pairs of one shape): element indices
+                fg.index = torch.cat(
+                    [
+                        torch.arange(starts[k], starts[k + 1]).view(self.tensors[k].shape)[part].reshape(-1)
+                        if part is not None
+                        else torch.arange(starts[k], starts[k + 1])
+                        for k, part in positions
+                    ]
                 )
-            index = torch.cat(flat_index) if flat_index else torch.zeros(0, dtype=torch.long)
-            first = int(index[0]) if index.numel() else 0
-            if torch.equal(index, torch.arange(first, first + index.numel())):
-                fg.span, fg.index = (first, first + index.numel()), None
-            else:
-                fg.span, fg.index = None, index
         self.buffer = torch.empty(0)
         self.views: list[torch.Tensor] = []
         self.relayout()
+
+    def _block_recipes(self, fg: _FlatGroup, positions: list, starts: list[int]) -> list[tuple] | None:
+        """For a group of packed pairs only, per clip block of n pairs: where the block's A's and B's are in the
+        buffer -- n consecutive packed_A [n, R, in] and n consecutive packed_B [n, out, R], this role's rows
+        and columns ``s:e`` of them -- so a block moves with one strided copy per factor. None when the group
+        is not made of such blocks."""
+        recipes, i = [], 0
+        for (a_shape, _), pairs in fg.by_shape.items():
+            n = len(pairs)
+            a_pos, b_pos = positions[i : i + n], positions[i + n : i + 2 * n]
+            i += 2 * n
+            ks, ms = [k for k, _ in a_pos], [m for m, _ in b_pos]
+            parts = {(part.start, part.stop) if isinstance(part, slice) else None for _, part in a_pos}
+            parts |= {(part[1].start, part[1].stop) if isinstance(part, tuple) else None for _, part in b_pos}
+            if None in parts or len(parts) != 1 or len(a_shape) != 2:
+                return None
+            packed_a, packed_b = self.tensors[ks[0]].shape, self.tensors[ms[0]].shape
+            if ks != list(range(ks[0], ks[0] + n)) or ms != list(range(ms[0], ms[0] + n)):
+                return None
+            if any(self.tensors[k].shape != packed_a for k in ks) or any(
+                self.tensors[m].shape != packed_b for m in ms
+            ):
+                return None
+            ((start, stop),) = parts
+            recipes.append((starts[ks[0]], packed_a, starts[ms[0]], packed_b, n, start, stop))
+        return recipes if i == len(positions) else None
+
+    @staticmethod
+    def _block_sources(flat: torch.Tensor, recipes: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The strided views of ``flat`` (the buffer or the flattened gradients) that hold each block's A's
+        [n, r, in] and B's [n, out, r]."""
+        out = []
+        for a_at, a_shape, b_at, b_shape, n, start, stop in recipes:
+            a = flat[a_at : a_at + n * a_shape.numel()].view(n, *a_shape)[:, start:stop]
+            b = flat[b_at : b_at + n * b_shape.numel()].view(n, *b_shape)[:, :, start:stop]
+            out.append((a, b))
+        return out
 
     def relayout(self) -> None:
         """Empty buffers on the trained tensors' device and dtype (the vectors keep the tensor objects the inner
@@ -171,15 +225,19 @@ class _FlatSource:
         elif self.copied:
             torch._foreach_copy_([self.views[k] for k in self.copied], [self.tensors[k] for k in self.copied])
         for fg in self.groups:
-            if fg.span is not None:
-                if fresh:
-                    fg.flat.data = self.buffer[fg.span[0] : fg.span[1]]
-            else:
-                if fresh:
-                    fg.flat.data = self.buffer.new_empty(fg.total)
-                torch.index_select(self.buffer, 0, fg.index, out=fg.flat.data)
             if fresh:
+                if fg.span is not None:
+                    fg.flat.data = self.buffer[fg.span[0] : fg.span[1]]
+                else:
+                    fg.flat.data = self.buffer.new_empty(fg.total)
                 fg.build_views()
+                fg.sources_of_blocks = self._block_sources(self.buffer, fg.recipes) if fg.recipes else []
+            if fg.recipes is not None:
+                for (a, b, _), (src_a, src_b) in zip(fg.blocks, fg.sources_of_blocks):
+                    a.copy_(src_a)
+                    b.copy_(src_b)
+            elif fg.index is not None:
+                torch.index_select(self.buffer, 0, fg.index, out=fg.flat.data)
 
     def _aliased(self) -> bool:
         """Whether the packed tensors are still the buffer's views (a move or cast gives them new storage)."""
@@ -205,6 +263,12 @@ class _FlatSource:
                 fg.flat_grad = None
             elif fg.span is not None:
                 fg.flat_grad = flat[fg.span[0] : fg.span[1]]
+            elif fg.recipes is not None:
+                fg.flat_grad = flat.new_empty(fg.total)
+                blocks = _block_views(fg.flat_grad, fg.by_shape)
+                for (a, b), (src_a, src_b) in zip(blocks, self._block_sources(flat, fg.recipes)):
+                    a.copy_(src_a)
+                    b.copy_(src_b)
             else:
                 fg.flat_grad = flat.index_select(0, fg.index)
         return has_grad
@@ -213,7 +277,11 @@ class _FlatSource:
         """Every group's vector into the buffer, the buffer into the trained tensors (the packed ones are the
         buffer on a CPU)."""
         for fg in self.groups:
-            if fg.index is not None:
+            if fg.recipes is not None:
+                for (a, b, _), (src_a, src_b) in zip(fg.blocks, fg.sources_of_blocks):
+                    src_a.copy_(a)
+                    src_b.copy_(b)
+            elif fg.index is not None:
                 self.buffer.index_copy_(0, fg.index, fg.flat)
         if self.copied:
             torch._foreach_copy_([self.tensors[k] for k in self.copied], [self.views[k] for k in self.copied])
@@ -275,14 +343,10 @@ class _FlatGroup:
         """Views of the vector shaped like the parameters, and the clip blocks (A as [n, r, in], B as
         [n, out, r], s² per pair)."""
         self.views = _unflatten_dense_tensors(self.flat, self.params)
-        self.blocks, offset = [], 0
-        for (a_shape, b_shape), group in self.by_shape.items():
-            n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
-            a = self.flat[offset : offset + n * a_size].view(n, *a_shape)
-            b = self.flat[offset + n * a_size : offset + n * (a_size + b_size)].view(n, *b_shape)
+        self.blocks = []
+        for (a, b), group in zip(_block_views(self.flat, self.by_shape), self.by_shape.values()):
             scales = torch.tensor([q.scale**2 for q in group], dtype=torch.float32, device=self.flat.device)
             self.blocks.append((a, b, scales))
-            offset += n * (a_size + b_size)
 
     def save_missing(self, state: dict) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
         """The optimizer-state slices (moments, momentum) of the parameters without a gradient, to be put back
@@ -418,14 +482,12 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
             logger.info("per-tensor optimizer update: packed adapter storage unpacked")
         self._packed = packed_parameters(self._models)
         self._aux_pairs = branch_pairs(self._models, AUX)
+        self._primary_pairs = branch_pairs(self._models, PRIMARY)
         self._flat: list[_FlatGroup] | None = None
         if flat:
             # The wrapper keeps the real parameters (schedulers, GradScaler and accelerate see them); the inner
             # optimizer steps one flat vector per group, with the same hyper-parameters (synced at each step).
-            self._flat = [
-                _FlatGroup(list(g["params"]), self._aux_pairs if g[ROLE] == "aux" else ())
-                for g in self.param_groups
-            ]
+            self._flat = [_FlatGroup(list(g["params"]), self._layout_pairs(g)) for g in self.param_groups]
             self._source = _FlatSource(self._flat, self._models)
             for group, fg in zip(self.param_groups, self._flat):
                 group[FLAT_KEY] = fg.layout
@@ -457,6 +519,15 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         optimizer's groups."""
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update(self._hyper(group))
+
+    def _layout_pairs(self, group: dict) -> list[LoraPair]:
+        """The pairs a group's flat vector is laid out in blocks of: the auxiliary branch's (its clip reads
+        them as blocks) and, under the two-branch methods, the primary branch's (so that a block of packed
+        layers moves with one strided copy per factor). Fixed by the method, not by packing, so a checkpoint
+        resumes with the fused path on or off."""
+        if group[ROLE] == "aux":
+            return self._aux_pairs
+        return self._primary_pairs if self._aux_pairs else []
 
     @property
     def flat(self) -> bool:
@@ -500,20 +571,32 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         for index, (group, fg) in enumerate(zip(state_dict["param_groups"], self._flat)):
             flag = group.get(FLAT_KEY, False)
             if flag:  # flat already: same layout, or at least (older files) the same size
-                if isinstance(flag, str) and flag != fg.layout:
-                    raise self._other_adapters(index, group)
+                saved_as = self._saved_layout(index, group, fg)
                 for pid in group["params"]:
                     for value in state.get(pid, {}).values():
                         if torch.is_tensor(value) and value.dim() == 1 and value.numel() != fg.total:
                             raise self._other_adapters(index, group)
                     if pid in state:
                         new_state[index] = state[pid]
+                        if saved_as is not fg:  # an older layout of the same tensors: reorder
+                            new_state[index] = fg.state_from_tensors(saved_as.state_to_tensors(state[pid]))
             else:  # per-tensor (checked by _check_tensor_state): one state per parameter, in the group's order
                 flat_state = fg.state_from_tensors([state.get(pid, {}) for pid in group["params"]])
                 if flat_state:
                     new_state[index] = flat_state
             groups.append({**group, "params": [index], FLAT_KEY: fg.layout})
         return {**state_dict, "state": new_state, "param_groups": groups}
+
+    def _saved_layout(self, index: int, group: dict, fg: _FlatGroup) -> _FlatGroup:
+        """The layout a saved flat group was written in: ``fg`` (this optimizer's), or the layout before the
+        primary group was laid out in blocks (same tensors, parameter order); anything else is refused."""
+        flag = group.get(FLAT_KEY)
+        if not isinstance(flag, str) or flag == fg.layout:
+            return fg
+        older = _FlatGroup(list(self.param_groups[index]["params"]))
+        if flag == older.layout:
+            return older
+        raise self._other_adapters(index, group)
 
     def _check_tensor_state(self, state_dict: dict) -> None:
         """The groups saved by the per-tensor update, against this optimizer's parameters: torch does not
@@ -535,12 +618,8 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         state, groups = state_dict.get("state", {}), []
         new_state: dict = {}
         next_id = 0
-        pairs = self._aux_pairs
         for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            fg = _FlatGroup(list(mine["params"]), pairs if mine[ROLE] == "aux" else ())
-            flag = group.get(FLAT_KEY)
-            if isinstance(flag, str) and flag != fg.layout:
-                raise self._other_adapters(index, group)
+            fg = self._saved_layout(index, group, _FlatGroup(list(mine["params"]), self._layout_pairs(mine)))
             ids = list(range(next_id, next_id + len(fg.params)))
             next_id += len(ids)
             flat_state = state.get(group["params"][0], {}) if group["params"] else {}

@@ -156,6 +156,7 @@ def _realias(layer: LoraLayer, record: _Packed, packed_wins: bool) -> None:
             with torch.no_grad():
                 part.copy_(view.detach())
         view.data = part
+        view.requires_grad_(False)
     record.ptrs = _pointers(layer, record)
     pa = params[PACKED_A]
     if record.hooked is not pa:
@@ -166,15 +167,20 @@ def _realias(layer: LoraLayer, record: _Packed, packed_wins: bool) -> None:
 
 
 def sync_layer(layer: LoraLayer) -> None:
-    """Re-alias ``layer`` if the packed tensors or PEFT's views got new storage since it was last aliased."""
+    """Re-alias ``layer`` if the packed tensors or PEFT's views got new storage (or PEFT's parameters were
+    replaced, by a load with assign=True) since it was last aliased."""
     record = layer.__dict__.get(PACK_ATTR)
     if record is None:
         return
-    current = _pointers(layer, record)
-    if record.hooked is layer._parameters[PACKED_A] and current == record.ptrs:
+    views = _views(layer, record)
+    replaced = len(views) != len(record.views) or any(
+        new is not old for (new, _, _), (old, _, _) in zip(views, record.views)
+    )
+    current = _ptrs(layer._parameters, views)
+    if not replaced and record.hooked is layer._parameters[PACKED_A] and current == record.ptrs:
         return
     packed_moved = not record.ptrs or current[:2] != record.ptrs[:2]
-    _realias(layer, record, packed_wins=packed_moved)
+    _realias(layer, record, packed_wins=packed_moved and not replaced)
 
 
 def packed_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
