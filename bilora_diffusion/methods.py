@@ -53,7 +53,7 @@ from .adapters import (
 )
 from .config import AUX, AUX_METHODS, METHODS, ONE_PASS_METHODS, PRIMARY, BiLoRAConfig, ConfigError
 from .fused import block_sq_norms, clip_aux_, clip_factors, grad_norm, pair_sq_norms_batched
-from .packed import packed_parameters, packed_sources, packing_changed, sync, unpack
+from .packed import packed_sources, packing_changed, sync, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class _FlatSource:
         self.models = models
         packed, self.packing = packed_sources(models)
         self.tensors: list[torch.Tensor] = []
+        self.source_of: dict[int, torch.Tensor] = {}
+        """id(PEFT parameter) -> the tensor holding its values (its packed tensor, or itself)."""
         self.packed: list[int] = []
         """Indices of the packed tensors: hidden from state dicts, so on a CPU they live in the buffer itself."""
         where: dict[int, int] = {}
@@ -104,6 +106,7 @@ class _FlatSource:
             fg.sources, positions = [], []
             for p in fg.params:
                 tensor, part = packed.get(id(p), (p, None))
+                self.source_of[id(p)] = tensor
                 if id(tensor) not in where:
                     where[id(tensor)] = len(self.tensors)
                     self.tensors.append(tensor)
@@ -480,15 +483,20 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
             # Packed storage makes PEFT's B's column views; per-tensor optimizers (bitsandbytes' kernels) want
             # parameters of their own. The fused forward then concatenates per call.
             logger.info("per-tensor optimizer update: packed adapter storage unpacked")
-        self._packed = packed_parameters(self._models)
+        self._group_params = [list(g["params"]) for g in self.param_groups]
+        """Each group's PEFT parameters (its flat vector's tensors; ``param_groups`` lists the trained ones)."""
         self._aux_pairs = branch_pairs(self._models, AUX)
         self._primary_pairs = branch_pairs(self._models, PRIMARY)
         self._flat: list[_FlatGroup] | None = None
         if flat:
-            # The wrapper keeps the real parameters (schedulers, GradScaler and accelerate see them); the inner
-            # optimizer steps one flat vector per group, with the same hyper-parameters (synced at each step).
-            self._flat = [_FlatGroup(list(g["params"]), self._layout_pairs(g)) for g in self.param_groups]
-            self._source = _FlatSource(self._flat, self._models)
+            # The wrapper lists the tensors autograd trains (schedulers, GradScaler and accelerate see them);
+            # the inner optimizer steps one flat vector per group, with the same hyper-parameters (synced at
+            # each step).
+            self._flat = [
+                _FlatGroup(params, self._layout_pairs(g))
+                for g, params in zip(self.param_groups, self._group_params)
+            ]
+            self._set_source()
             for group, fg in zip(self.param_groups, self._flat):
                 group[FLAT_KEY] = fg.layout
             inner_groups = [
@@ -593,7 +601,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         flag = group.get(FLAT_KEY)
         if not isinstance(flag, str) or flag == fg.layout:
             return fg
-        older = _FlatGroup(list(self.param_groups[index]["params"]))
+        older = _FlatGroup(list(self._group_params[index]))
         if flag == older.layout:
             return older
         raise self._other_adapters(index, group)
@@ -603,12 +611,12 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         compare saved state with the parameters' shapes, and a mismatch would fail later with a bare shape
         error (or not at all), so say it here."""
         state = state_dict.get("state", {})
-        for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+        for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self._group_params)):
             if group.get(FLAT_KEY, False):
                 continue
-            if len(group["params"]) != len(mine["params"]):
+            if len(group["params"]) != len(mine):
                 raise self._other_adapters(index, group)
-            for pid, param in zip(group["params"], mine["params"]):
+            for pid, param in zip(group["params"], mine):
                 for value in state.get(pid, {}).values():
                     if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
                         raise self._other_adapters(index, group)
@@ -619,7 +627,8 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         new_state: dict = {}
         next_id = 0
         for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            fg = self._saved_layout(index, group, _FlatGroup(list(mine["params"]), self._layout_pairs(mine)))
+            params = self._group_params[index]
+            fg = self._saved_layout(index, group, _FlatGroup(list(params), self._layout_pairs(mine)))
             ids = list(range(next_id, next_id + len(fg.params)))
             next_id += len(ids)
             flat_state = state.get(group["params"][0], {}) if group["params"] else {}
@@ -630,15 +639,14 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         return {**state_dict, "state": new_state, "param_groups": groups}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Also clears the packed tensors' gradients (`bilora_diffusion.packed`), whose views PEFT's
-        parameters hold as theirs."""
-        super().zero_grad(set_to_none)
-        for p in self._packed:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+        """torch's, with ``set_to_none`` as one plain loop (torch's costs milliseconds per call over the
+        thousands of adapter tensors of an SDXL UNet, and the trainers call it twice a step)."""
+        if not set_to_none:
+            super().zero_grad(set_to_none)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_flat", None) is not None:
@@ -756,10 +764,25 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             group.update(self._hyper(inner))
 
+    def _set_source(self) -> None:
+        """Where the flat vectors are read from and written to (`_FlatSource`), and the tensors each param group
+        lists: the trained ones -- a packed layer's packed tensors (in the first group that has one of its
+        branches: they carry both) instead of PEFT's views of them, whose ``requires_grad`` is False."""
+        self._source = _FlatSource(self._flat, self._models)
+        seen: set[int] = set()
+        for group, params in zip(self.param_groups, self._group_params):
+            trained = []
+            for p in params:
+                tensor = self._source.source_of[id(p)]
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    trained.append(tensor)
+            group["params"] = trained
+
     def _rebuild_source(self) -> None:
         """Layers were packed or unpacked after the optimizer was built: read the adapters from where they
-        live now (the vectors, and so the state, keep their layout)."""
-        self._source = _FlatSource(self._flat, self._models)  # the inner optimizer keeps the vectors' objects
+        live now (the vectors, and so the state, keep their layout; the inner optimizer keeps their objects)."""
+        self._set_source()
 
     def _relayout(self) -> None:
         """The model was moved or cast after the optimizer was built (as torch optimizers allow): rebuild the

@@ -9,25 +9,26 @@ small layers (64-128 wide, 77 tokens) that was 5-7 % of a training step. A packe
     packed_B = [B1, B2]    [out, r1 + r2]    DDP, ``.to()`` and the grad clip see
 
 and PEFT's own ``lora_A[name].weight`` / ``lora_B[name].weight`` become views of them (same storage; B's views
-are column slices, so not contiguous). Everything that reads or writes the adapters through PEFT's parameters
--- the optimizer (which keeps PEFT's parameters in its groups, so roles, state dicts and checkpoints do not
-change), the auxiliary clip, ``get_peft_model_state_dict``, the export, PEFT's own forward when the
-auxiliary branch is disabled -- sees and changes the packed values. After each backward a hook on
-``packed_A`` gives PEFT's parameters their gradients as views of the packed gradients (no copy), so
-GradScaler, the clip and the optimizer read them where they always did.
+are column slices, so not contiguous) with ``requires_grad=False``: as everywhere in torch, the tensors that
+require gradients are the ones that get them, here the packed ones. Everything that reads or writes the
+adapters through PEFT's parameters -- the auxiliary clip, ``get_peft_model_state_dict``, the export, PEFT's own
+forward when the auxiliary branch is disabled -- sees and changes the packed values. The flat update
+(`bilora_diffusion.methods`) reads the packed tensors and their gradients directly, block by block, and its
+param groups list the packed tensors (so GradScaler and the schedulers see the trained tensors); its per-role
+vectors and state keep PEFT's layout, so checkpoints do not change.
 
-The views are kept honest: ``.to()``/casts, ``copy.deepcopy``, unpickling or a load with ``assign=True``
-give the packed tensors or a view new storage; every fused forward, backward hook, ``state_dict()``,
-``load_state_dict()`` and `build_optimizer` first checks the storage pointers and re-aliases (`sync`): when the
-packed tensors moved, their values win (a cast of the trainable parameters, a copy); when only a view moved
-(a load that assigned new tensors), its values are copied into the packed tensors.
+The views are kept honest: ``.to()``/casts, unpickling or a load with ``assign=True`` give the packed
+tensors or a view new storage; every fused forward, ``state_dict()``, ``load_state_dict()`` and
+`build_optimizer` first checks the storage pointers and re-aliases (`sync`): when the packed tensors moved,
+their values win (a cast of the trainable parameters); when only a view moved or was replaced (a load that
+assigned new tensors), its values are copied into the packed tensors. ``copy.deepcopy`` keeps a copy aliased.
 
 ``state_dict()`` of a packed model is the unpacked one: the packed keys are dropped and PEFT's tensors are
 contiguous copies (safetensors refuses tensors that share storage or are not contiguous); loads need no packed
-key. While packed, PEFT's parameters have ``requires_grad=False`` (the packed ones are trained), so gradients
-flow through the fused forward only: a layer that falls back to PEFT's forward (auxiliary branch disabled,
-adapters merged) computes the right values without gradients. `unpack` restores PEFT's own parameters (the
-per-tensor optimizers, e.g. bitsandbytes', need them: `build_optimizer` unpacks when the flat update is off).
+key. Gradients flow through the fused forward only: a layer that falls back to PEFT's forward (auxiliary branch
+disabled, adapters merged) computes the right values without gradients. `unpack` restores PEFT's own
+parameters (the per-tensor optimizers, e.g. bitsandbytes', need them: `build_optimizer` unpacks when the flat
+update is off).
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ _generation = [0]
 
 
 class _Packed:
-    """A layer's packed layout: which adapters, their ranks, PEFT's parameters with their slices, the storage
-    pointers as last aliased, and the packed_A parameter the gradient hook is registered on. Copies and
-    unpickled layers get a fresh record (torch drops tensor hooks there too) and re-register at first use."""
+    """A layer's packed layout: which adapters, their ranks, PEFT's parameters with their slices and the storage
+    pointers as last aliased. An unpickled layer gets a fresh record and re-aliases at first use."""
 
     def __init__(self, adapters: Sequence[str], ranks: Sequence[int]) -> None:
         self.adapters = tuple(adapters)
@@ -63,8 +63,6 @@ class _Packed:
         self.ptrs: tuple[int, ...] = ()
         self.views: list[tuple[nn.Parameter, str, object]] = []
         self.packed: dict[str, nn.Parameter] = {}
-        self.hooked: nn.Parameter | None = None
-        self.handle = None
 
     def __deepcopy__(self, memo: dict) -> _Packed:
         """``copy.deepcopy`` copies every tensor on its own; the layer's tensors are copied before this record
@@ -158,12 +156,6 @@ def _realias(layer: LoraLayer, record: _Packed, packed_wins: bool) -> None:
         view.data = part
         view.requires_grad_(False)
     record.ptrs = _pointers(layer, record)
-    pa = params[PACKED_A]
-    if record.hooked is not pa:
-        if record.handle is not None:
-            record.handle.remove()
-        record.handle = pa.register_post_accumulate_grad_hook(_GradViews(layer))
-        record.hooked = pa
 
 
 def sync_layer(layer: LoraLayer) -> None:
@@ -177,7 +169,7 @@ def sync_layer(layer: LoraLayer) -> None:
         new is not old for (new, _, _), (old, _, _) in zip(views, record.views)
     )
     current = _ptrs(layer._parameters, views)
-    if not replaced and record.hooked is layer._parameters[PACKED_A] and current == record.ptrs:
+    if not replaced and current == record.ptrs:
         return
     packed_moved = not record.ptrs or current[:2] != record.ptrs[:2]
     _realias(layer, record, packed_wins=packed_moved and not replaced)
@@ -191,32 +183,11 @@ def packed_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor] | None
         return None
     params = layer._parameters
     pa, pb = params[PACKED_A], params[PACKED_B]
-    # Cheap per-call check: a copy or unpickled layer (no hook yet), or packed tensors moved or cast. (A view
-    # given storage of its own is caught by the full checks of state_dict, load_state_dict, build_optimizer.)
-    if record.hooked is not pa or pa.data_ptr() != record.ptrs[0] or pb.data_ptr() != record.ptrs[1]:
+    # Cheap per-call check: an unpickled layer (not aliased yet), or packed tensors moved or cast. (A view given
+    # storage of its own is caught by the full checks of state_dict, load_state_dict and build_optimizer.)
+    if not record.ptrs or pa.data_ptr() != record.ptrs[0] or pb.data_ptr() != record.ptrs[1]:
         sync_layer(layer)
     return pa, pb
-
-
-class _GradViews:
-    """Post-accumulate-grad hook of packed_A: PEFT's parameters get their gradients as views of the packed
-    gradients. (packed_B's gradient is accumulated before packed_A's: autograd runs gradient accumulation as
-    soon as it is ready, and packed_B's is ready first, from the layer's last product.)"""
-
-    def __init__(self, layer: LoraLayer) -> None:
-        self.layer = layer
-
-    def __call__(self, packed_a: torch.Tensor) -> None:
-        record = self.layer.__dict__.get(PACK_ATTR)
-        if record is None or record.hooked is not packed_a:
-            return
-        views = record.views  # [A1, B1, A2, B2]
-        for view, part in zip(views[::2], packed_a.grad.split(record.ranks, 0)):
-            view[0].grad = part
-        grad_b = self.layer._parameters[PACKED_B].grad
-        if grad_b is not None:
-            for view, part in zip(views[1::2], grad_b.split(record.ranks, 1)):
-                view[0].grad = part
 
 
 def _state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -254,13 +225,12 @@ def unpack_layer(layer: LoraLayer) -> None:
     if record is None:
         return
     sync_layer(layer)
-    for view, _, _ in record.views:
-        grad = view.grad
+    params = layer._parameters
+    for view, which, index in record.views:
+        grad = params[which].grad
         view.data = view.data.clone(memory_format=torch.contiguous_format)
-        view.grad = None if grad is None else grad.clone(memory_format=torch.contiguous_format)
-        view.requires_grad_(layer._parameters[PACKED_A].requires_grad)
-    if record.handle is not None:
-        record.handle.remove()
+        view.grad = None if grad is None else grad[index].clone(memory_format=torch.contiguous_format)
+        view.requires_grad_(params[PACKED_A].requires_grad)
     for name in _PACKED_NAMES:
         del layer._parameters[name]
     del layer.__dict__[PACK_ATTR]

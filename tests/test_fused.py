@@ -24,6 +24,7 @@ from bilora_diffusion import (
 from bilora_diffusion.adapters import adapters_disabled
 from bilora_diffusion.config import ConfigError
 from bilora_diffusion.fused import can_fuse, disable_fused, enable_fused, is_fused
+from bilora_diffusion.packed import PACKED_A, PACKED_B, is_packed
 
 
 def twin_models(
@@ -40,7 +41,17 @@ def twin_models(
 
 
 def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    """The gradient of every PEFT adapter tensor, by name; of a packed layer's, the rows and columns of its
+    packed tensors' gradients (PEFT's views of them do not require gradients)."""
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+    for prefix, layer in model.named_modules():
+        if is_packed(layer):
+            ga, gb = (layer._parameters[k].grad for k in (PACKED_A, PACKED_B))
+            r1 = layer.lora_A[PRIMARY].weight.shape[0]
+            for name, a, b in ((PRIMARY, ga[:r1], gb[:, :r1]), (AUX, ga[r1:], gb[:, r1:])):
+                grads[f"{prefix}.lora_A.{name}.weight"] = a.clone()
+                grads[f"{prefix}.lora_B.{name}.weight"] = b.clone()
+    return grads
 
 
 def assert_all_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float) -> None:
