@@ -68,10 +68,11 @@ class BiLoRAConfig:
     fused: bool = True
     """Compute both branches of a layer in one low-rank product (`bilora_diffusion.fused`):
     ``y = W0·x + ((x·[A1; A2]ᵀ) ⊙ v)·[B1, B2]ᵀ`` with ``v = [s1]*r1 + [s2]*r2``; the same parameters,
-    gradients, optimizer and export as PEFT's two-adapter forward, at about the cost of one adapter.
-    Applies to Linear and Conv2d LoRA layers; a layer runs PEFT's own forward whenever that cannot be fused
-    exactly: auxiliary branch disabled (validation, sampling), adapters disabled or merged, a DoRA primary,
-    dropout > 0, a LoRA bias, other layer types. False = always PEFT's forward."""
+    gradients, optimizer and export as PEFT's two-adapter forward, at about the cost of one adapter. Linear
+    layers keep ``[A1; A2]`` and ``[B1, B2]`` as packed tensors, PEFT's weights being views of them
+    (`bilora_diffusion.packed`). Applies to Linear and Conv2d LoRA layers; a layer runs PEFT's own forward
+    whenever that cannot be fused exactly: auxiliary branch disabled (validation, sampling), adapters disabled
+    or merged, a DoRA primary, dropout > 0, a LoRA bias, other layer types. False = always PEFT's forward."""
 
     def __post_init__(self) -> None:
         if self.aux_rank is None:

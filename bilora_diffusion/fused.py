@@ -11,9 +11,10 @@ for a layer whose active adapters are exactly ``{"default", "bilora_aux"}``::
     = W0·x + b + s1·B1·A1·x + s2·B2·A2·x   (the two-adapter forward, up to rounding)
 
 with the scaling on the rank axis (or, when s1 = s2, as the GEMM's alpha) and the addition fused into the
-second GEMM (``torch.addmm``). The parameters are PEFT's own ``lora_A``/``lora_B`` weights: the concatenation
-is differentiable, so A1, A2, B1 and B2 receive exactly the gradients of the two-adapter path, and the
-optimizer, the clip, the state dicts and the export do not change.
+second GEMM (``torch.addmm``). A Linear layer holds ``[A1; A2]`` and ``[B1, B2]`` as two packed leaf tensors
+with PEFT's weights as views of them (`bilora_diffusion.packed`), so nothing is concatenated per call; other
+layers concatenate PEFT's weights per call (differentiably). Either way the branches get exactly the gradients
+of the two-adapter path, and the optimizer's steps, the clip, the state dicts and the export do not change.
 
 A Conv2d layer is fused the same way (``[A1; A2]`` as one convolution with A's kernel, ``[B1, B2]`` as one
 1x1 convolution). Every other case runs PEFT's own forward, decided at each call: adapters disabled, merged

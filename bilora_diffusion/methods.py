@@ -21,9 +21,12 @@ tensors are updated as ONE flat vector. An SDXL UNet has a few thousand tiny ada
 under Bi-LoRA); per-tensor gradient clipping and AdamW pay a fixed cost per tensor that dominates the update on
 a CPU. Per step and group the gradients are flattened into one vector (one C++ concatenation), clipped there,
 the inner optimizer steps the parameters' vector, the auxiliary clip runs on it, and the result is copied back
-into the parameters (one ``_foreach_copy_``). The parameters stay the model's own tensors (nothing aliases
-them; safetensors refuses tensors that share storage); a model moved or cast after the optimizer was built is
-followed (the vector is rebuilt where the parameters are). A parameter without a gradient (the last
+(`_FlatSource`). Packed layers (`bilora_diffusion.packed`, the fused path's storage) are read and written as
+their packed tensors, a block of equally shaped layers at a time; the param groups then list the packed
+tensors (the trained ones) instead of PEFT's views of them, while each group's vector and optimizer state keep
+PEFT's parameters' layout. PEFT's parameters are never aliased (safetensors refuses tensors that share
+storage); a model moved or cast after the optimizer was built is followed (the vector is rebuilt where the
+parameters are). A parameter without a gradient (the last
 text-encoder layer when SDXL reads the penultimate one) keeps its value and its moments, as in the per-tensor
 update; only Adam's bias correction then counts the group's steps rather than the parameter's own. State saved
 by either update loads into the other (converted), so older checkpoints resume.
@@ -81,15 +84,21 @@ def _block_views(flat: torch.Tensor, by_shape: dict) -> list[tuple[torch.Tensor,
 class _FlatSource:
     """Where the flat vectors' values live: the tensors the model trains -- each packed tensor of a packed layer
     (`bilora_diffusion.packed`; PEFT's parameters of both branches are views of it) and every other parameter --
-    flattened into one buffer ``buffer``, in the order the groups' vectors first need them. A group whose
-    tensors lie in the buffer in its own order (every group without packed layers) is a slice of it; the
-    others (primary and auxiliary rows of the packed tensors interleave) read it with one ``index_select`` and
-    write back with one ``index_copy_``. The trained tensors are not aliased: ``gather`` copies them into the
-    buffer and ``scatter`` copies the result out (one ``_foreach_copy_`` each; the gradients are flattened
-    with one C++ concatenation). On CUDA the buffers exist only during the step (``release``; the caching
-    allocator makes the next step's allocation free), so they add nothing to the forward/backward's peak
-    memory. On a CPU they are kept between steps: rebuilding them per step (fresh pages, thousands of views)
-    was measured to double the update's time."""
+    flattened into one buffer ``buffer``, in the order the groups' vectors first need them. Per group:
+
+    - span: its tensors lie in the buffer in its own order (every group without packed layers): the vector is a
+      slice of the buffer, nothing is copied;
+    - blocks: a group of packed pairs only (every attention projection of an SDXL UNet): per clip block of n
+      equally shaped layers, the n packed_A [n, R, in] and n packed_B [n, out, R] lie next to each other in the
+      buffer, and this role's rows / columns of them are one strided view, moved with one ``copy_``;
+    - index: anything else (packed and unpacked pairs of one shape): one ``index_select`` / ``index_copy_``.
+
+    On a CPU the packed tensors are views of the buffer itself (they are hidden from state dicts, so sharing
+    storage is safe), and only the other tensors are copied in (``gather``) and out (``scatter``), one
+    ``_foreach_copy_`` each; the gradients are flattened with one C++ concatenation. On CUDA the buffers exist
+    only during the step (``release``; the caching allocator makes the next step's allocation free), so they add
+    nothing to the forward/backward's peak memory; on a CPU they are kept (rebuilding them per step -- fresh
+    pages, thousands of views -- was measured to double the update's time)."""
 
     def __init__(self, groups: list[_FlatGroup], models: list[nn.Module]) -> None:
         self.groups = groups
@@ -219,7 +228,8 @@ class _FlatSource:
         if fresh:
             self.buffer = _flatten_dense_tensors(self.tensors)
             self.views = _unflatten_dense_tensors(self.buffer, self.tensors)
-            self.copied = [k for k in range(len(self.tensors)) if not (self.keep and k in set(self.packed))]
+            aliased = set(self.packed) if self.keep else set()
+            self.copied = [k for k in range(len(self.tensors)) if k not in aliased]
             if self.keep and self.packed:
                 for k in self.packed:
                     self.tensors[k].data = self.views[k]
