@@ -72,7 +72,9 @@ class BiLoRAConfig:
     layers keep ``[A1; A2]`` and ``[B1, B2]`` as packed tensors, PEFT's weights being views of them
     (`bilora_diffusion.packed`). Applies to Linear and Conv2d LoRA layers; a layer runs PEFT's own forward
     whenever that cannot be fused exactly: auxiliary branch disabled (validation, sampling), adapters disabled
-    or merged, a DoRA primary, dropout > 0, a LoRA bias, other layer types. False = always PEFT's forward."""
+    or merged, a DoRA primary, dropout > 0, a LoRA bias, other layer types (layers with dropout, DoRA or a bias
+    are never packed, so they train on PEFT's tensors; a packed layer's fallback is for evaluation: it computes
+    the right values, without gradients). False = always PEFT's forward."""
 
     def __post_init__(self) -> None:
         if self.aux_rank is None:

@@ -236,8 +236,13 @@ def enable_fused(model: ModelOrModels, adapters: Sequence[str] = (PRIMARY, AUX),
             if isinstance(layer, LoraLayer) and can_fuse(layer, adapters):
                 layer.__dict__[FUSED_ATTR] = adapters
                 layer.forward = _FusedForward(layer)
-                if pack and can_pack(layer, adapters):
+                # Only where training runs the fused forward: a layer with dropout falls back to PEFT's forward,
+                # which reads PEFT's weights (views, without gradients, once packed).
+                dropouts = layer.lora_dropout._modules
+                if pack and can_pack(layer, adapters) and all(_no_dropout(dropouts[n]) for n in adapters):
                     pack_layer(layer, adapters)
+                else:
+                    unpack_layer(layer)
                 count += 1
     return count
 

@@ -24,9 +24,10 @@ the inner optimizer steps the parameters' vector, the auxiliary clip runs on it,
 (`_FlatSource`). Packed layers (`bilora_diffusion.packed`, the fused path's storage) are read and written as
 their packed tensors, a block of equally shaped layers at a time; the param groups then list the packed
 tensors (the trained ones) instead of PEFT's views of them, while each group's vector and optimizer state keep
-PEFT's parameters' layout. PEFT's parameters are never aliased (safetensors refuses tensors that share
-storage); a model moved or cast after the optimizer was built is followed (the vector is rebuilt where the
-parameters are). A parameter without a gradient (the last
+PEFT's parameters' layout. The optimizer never makes PEFT's own parameters share storage (safetensors refuses
+tensors that share storage; packed tensors, which state dicts never show, live in the update's buffer on a
+CPU); one buffer per device and dtype; a model moved or cast after the optimizer was built, and layers packed or
+unpacked after it, are followed (the vectors are rebuilt where the tensors are). A parameter without a gradient (the last
 text-encoder layer when SDXL reads the penultimate one) keeps its value and its moments, as in the per-tensor
 update; only Adam's bias correction then counts the group's steps rather than the parameter's own. State saved
 by either update loads into the other (converted), so older checkpoints resume.
@@ -100,10 +101,10 @@ class _FlatSource:
     nothing to the forward/backward's peak memory; on a CPU they are kept (rebuilding them per step -- fresh
     pages, thousands of views -- was measured to double the update's time)."""
 
-    def __init__(self, groups: list[_FlatGroup], models: list[nn.Module]) -> None:
+    def __init__(self, groups: list[_FlatGroup], models: list[nn.Module], packed: dict, packing: int) -> None:
         self.groups = groups
         self.models = models
-        packed, self.packing = packed_sources(models)
+        self.packing = packing
         self.tensors: list[torch.Tensor] = []
         self.source_of: dict[int, torch.Tensor] = {}
         """id(PEFT parameter) -> the tensor holding its values (its packed tensor, or itself)."""
@@ -210,8 +211,8 @@ class _FlatSource:
     def moved(self) -> bool:
         """Whether the trained tensors now live on another device or in another dtype than the buffers (the
         model was moved or cast after the optimizer was built)."""
-        first = self.tensors[0]
-        if first.device == self.buffer.device and first.dtype == self.buffer.dtype:
+        device, dtype = self.buffer.device, self.buffer.dtype
+        if all(t.dtype == dtype and t.device == device for t in self.tensors):
             return False
         if len({(t.device, t.dtype) for t in self.tensors}) != 1:
             raise ConfigError(
@@ -321,7 +322,7 @@ class _FlatGroup:
     ``[n, r, in]`` and one ``[n, out, r]`` tensor without stacking copies. ``order[i]`` is the index in the
     group's own parameter list of the i-th tensor of the vector."""
 
-    def __init__(self, params: list[torch.Tensor], pairs: list[LoraPair] = ()) -> None:
+    def __init__(self, params: list[torch.Tensor], pairs: list[LoraPair] = (), tag: str = "") -> None:
         index = {id(p): i for i, p in enumerate(params)}
         self.by_shape: dict[tuple, list[LoraPair]] = {}
         for pair in pairs:
@@ -336,9 +337,10 @@ class _FlatGroup:
         self.params = ordered + [p for p in params if id(p) not in placed]
         self.order = [index[id(p)] for p in self.params]
         self.numels = [p.numel() for p in self.params]
-        self.layout = hashlib.sha1(repr([tuple(p.shape) for p in self.params]).encode()).hexdigest()[:16]
-        """Fingerprint of the vector's layout (shapes in order), saved in the param group: state saved for
-        other adapters with the same total size is refused too."""
+        shapes = repr([tuple(p.shape) for p in self.params]) + tag
+        self.layout = hashlib.sha1(shapes.encode()).hexdigest()[:16]
+        """Fingerprint of the vector's layout (shapes in order, and ``tag``), saved in the param group: state
+        saved for other adapters with the same total size is refused too."""
         self.total = sum(self.numels)
         self.flat = torch.empty(0)
         self.flat_grad: torch.Tensor | None = None
@@ -503,7 +505,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
             # the inner optimizer steps one flat vector per group, with the same hyper-parameters (synced at
             # each step).
             self._flat = [
-                _FlatGroup(params, self._layout_pairs(g))
+                _FlatGroup(params, *self._layout(g))
                 for g, params in zip(self.param_groups, self._group_params)
             ]
             self._set_source()
@@ -538,14 +540,15 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update(self._hyper(group))
 
-    def _layout_pairs(self, group: dict) -> list[LoraPair]:
-        """The pairs a group's flat vector is laid out in blocks of: the auxiliary branch's (its clip reads
-        them as blocks) and, under the two-branch methods, the primary branch's (so that a block of packed
-        layers moves with one strided copy per factor). Fixed by the method, not by packing, so a checkpoint
-        resumes with the fused path on or off."""
+    def _layout(self, group: dict) -> tuple[list[LoraPair], str]:
+        """The pairs a group's flat vector is laid out in blocks of, and the tag of that layout: the auxiliary
+        branch's (its clip reads them as blocks) and, under the two-branch methods, the primary branch's (so that
+        a block of packed layers moves with one strided copy per factor; tagged, so that its fingerprint never
+        equals the earlier parameter-order layout's, even where every shape is the same). Fixed by the method,
+        not by packing, so a checkpoint resumes with the fused path on or off."""
         if group[ROLE] == "aux":
-            return self._aux_pairs
-        return self._primary_pairs if self._aux_pairs else []
+            return self._aux_pairs, ""
+        return (self._primary_pairs, "|primary blocks") if self._aux_pairs else ([], "")
 
     @property
     def flat(self) -> bool:
@@ -638,7 +641,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         next_id = 0
         for index, (group, mine) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
             params = self._group_params[index]
-            fg = self._saved_layout(index, group, _FlatGroup(list(params), self._layout_pairs(mine)))
+            fg = self._saved_layout(index, group, _FlatGroup(list(params), *self._layout(mine)))
             ids = list(range(next_id, next_id + len(fg.params)))
             next_id += len(ids)
             flat_state = state.get(group["params"][0], {}) if group["params"] else {}
@@ -734,12 +737,9 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
     def _flat_step(self) -> None:
         """Clip per role, step the inner optimizer on one flat vector per group, clip the auxiliary branch on
         the vectors and copy the result into the trained tensors (module docstring)."""
-        source = self._source
-        if source.stale():
-            self._rebuild_source()
-        if source.moved():
-            self._relayout()
-        has_grad = source.load_grads()
+        sources = self._current_sources()
+        loaded = {id(fg): has for source in sources for fg, has in zip(source.groups, source.load_grads())}
+        has_grad = [loaded[id(fg)] for fg in self._flat]
         self.last_grad_norms = {}
         for role in ("primary", "aux"):
             grads = [
@@ -757,7 +757,8 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                     g.mul_(coef.to(g.dtype))
             self.last_grad_norms[role] = float(norm)
         self._sync_inner()
-        source.gather()
+        for source in sources:
+            source.gather()
         for fg, has in zip(self._flat, has_grad):
             fg.flat.grad = fg.flat_grad if has else None
         saved = [fg.save_missing(self.inner.state.get(fg.flat, {})) for fg in self._flat]
@@ -769,45 +770,54 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 fg.restore_missing(kept)
         if self._aux_pairs:
             self._flat_clip_aux()
-        source.scatter()
-        source.release()
+        for source in sources:
+            source.scatter()
+            source.release()
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             group.update(self._hyper(inner))
 
     def _set_source(self) -> None:
-        """Where the flat vectors are read from and written to (`_FlatSource`), and the tensors each param group
-        lists: the trained ones -- a packed layer's packed tensors (in the first group that has one of its
-        branches: they carry both) instead of PEFT's views of them, whose ``requires_grad`` is False."""
-        self._source = _FlatSource(self._flat, self._models)
+        """Where the flat vectors are read from and written to (one `_FlatSource` per device and dtype of the
+        groups' tensors), and the tensors each param group lists: the trained ones -- a packed layer's packed
+        tensors (in the first group that has one of its branches: they carry both) instead of PEFT's views of
+        them, whose ``requires_grad`` is False."""
+        packed, packing = packed_sources(self._models)
+        kinds: dict[tuple, list[_FlatGroup]] = {}
+        for fg in self._flat:
+            kinds.setdefault((fg.params[0].device, fg.params[0].dtype), []).append(fg)
+        self._sources = [_FlatSource(groups, self._models, packed, packing) for groups in kinds.values()]
+        source_of = {k: v for source in self._sources for k, v in source.source_of.items()}
         seen: set[int] = set()
         for group, params in zip(self.param_groups, self._group_params):
             trained = []
             for p in params:
-                tensor = self._source.source_of[id(p)]
+                tensor = source_of[id(p)]
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
                     trained.append(tensor)
             group["params"] = trained
 
-    def _rebuild_source(self) -> None:
-        """Layers were packed or unpacked after the optimizer was built: read the adapters from where they
-        live now (the vectors, and so the state, keep their layout; the inner optimizer keeps their objects)."""
-        self._set_source()
-
-    def _relayout(self) -> None:
-        """The model was moved or cast after the optimizer was built (as torch optimizers allow): rebuild the
-        vectors where the adapters are now and move their state along."""
-        self._source.relayout()
+    def _current_sources(self) -> list[_FlatSource]:
+        """The sources, rebuilt when layers were packed or unpacked after the optimizer was built (the vectors,
+        and so the state, keep their layout; the inner optimizer keeps their objects), and their buffers moved
+        when the model was moved or cast (as torch optimizers allow; the state moves along)."""
+        if any(source.stale() for source in self._sources):
+            self._set_source()
         fused = any(g.get("fused") or g.get("capturable") for g in self.inner.param_groups)
-        for fg in self._flat:
-            state = self.inner.state.get(fg.flat, {})
-            for key, value in state.items():
-                if not torch.is_tensor(value):
-                    continue
-                if key != "step":
-                    state[key] = value.to(device=fg.flat.device, dtype=fg.flat.dtype)
-                elif fused:  # fused/capturable AdamW keeps its step count on the parameters' device
-                    state[key] = value.to(device=fg.flat.device)
+        for source in self._sources:
+            if not source.moved():
+                continue
+            source.relayout()
+            for fg in source.groups:
+                state = self.inner.state.get(fg.flat, {})
+                for key, value in state.items():
+                    if not torch.is_tensor(value):
+                        continue
+                    if key != "step":
+                        state[key] = value.to(device=fg.flat.device, dtype=fg.flat.dtype)
+                    elif fused:  # fused/capturable AdamW keeps its step count on the parameters' device
+                        state[key] = value.to(device=fg.flat.device)
+        return self._sources
 
     def _flat_clip_aux(self) -> None:
         """The auxiliary clip of `fused.clip_aux_` on the flat vectors' pair blocks (no copies): the norms from
@@ -835,10 +845,13 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         if self._flat is None:
             self.last_aux_norm = clip_aux_(self._aux_pairs, self.config.rho, self.config.clip)
             return
-        self._source.gather()
+        sources = self._current_sources()
+        for source in sources:
+            source.gather()
         self._flat_clip_aux()
-        self._source.scatter()
-        self._source.release()
+        for source in sources:
+            source.scatter()
+            source.release()
 
     # -- lora-sam -----------------------------------------------------------------------------------
     def _sam_passes(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:

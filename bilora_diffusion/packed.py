@@ -18,8 +18,9 @@ param groups list the packed tensors (so GradScaler and the schedulers see the t
 vectors and state keep PEFT's layout, so checkpoints do not change.
 
 The views are kept honest: ``.to()``/casts, unpickling or a load with ``assign=True`` give the packed
-tensors or a view new storage; every fused forward, ``state_dict()``, ``load_state_dict()`` and
-`build_optimizer` first checks the storage pointers and re-aliases (`sync`): when the packed tensors moved,
+tensors or a view new storage; ``state_dict()``, ``load_state_dict()`` and `build_optimizer` first check the
+storage pointers of all of them, and every fused forward those of the packed tensors, and re-alias (`sync`):
+when the packed tensors moved,
 their values win (a cast of the trainable parameters); when only a view moved or was replaced (a load that
 assigned new tensors), its values are copied into the packed tensors. ``copy.deepcopy`` keeps a copy aliased.
 
@@ -121,8 +122,10 @@ def _pointers(layer: LoraLayer, record: _Packed) -> tuple[int, ...]:
 
 def pack_layer(layer: LoraLayer, adapters: Sequence[str]) -> None:
     """Give ``layer`` packed storage for ``adapters`` (in this order); PEFT's weights become views of it."""
-    if is_packed(layer):
+    record = layer.__dict__.get(PACK_ATTR)
+    if record is not None and record.adapters == tuple(adapters):
         return
+    unpack_layer(layer)
     a_w = [layer.lora_A[n].weight for n in adapters]
     b_w = [layer.lora_B[n].weight for n in adapters]
     trainable = any(w.requires_grad for w in a_w + b_w)

@@ -167,3 +167,81 @@ def test_flat_state_of_the_earlier_primary_layout_still_loads():
     other.load_state_dict(saved)
     for key, value in opt.state_dict()["state"][0].items():
         torch.testing.assert_close(other.state_dict()["state"][0][key], value)
+
+
+def _steps(model, opt, x, n=2) -> dict[str, torch.Tensor]:
+    for _ in range(n):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("change", ["disable", "enable", "other model"])
+def test_packing_changed_after_the_optimizer_was_built(change):
+    """Packing or unpacking after build_optimizer (or another model being packed) is followed from the next
+    step on: the steps equal those of a model that never changed."""
+    from bilora_diffusion.fused import disable_fused, enable_fused
+
+    x = torch.randn(4, 6)
+    reference = attach_bilora(mlp(), linear_config(fused=False))
+    randomize(reference)
+    want = _steps(reference, build_optimizer(reference, linear_config(), lr=1e-2), x)
+    model = attach_bilora(mlp(), linear_config(fused=change != "enable"))
+    randomize(model)
+    opt = build_optimizer(model, linear_config(), lr=1e-2)
+    if change == "disable":
+        disable_fused(model)
+    elif change == "enable":
+        enable_fused(model)
+        assert all(is_packed(layer) for layer in bilora_layers(model))
+    else:
+        attach_bilora(mlp(), linear_config())
+    got = _steps(model, opt, x)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_models_of_different_dtypes_in_one_optimizer_keep_theirs():
+    """(No auxiliary clip: the global one couples the models, which is the point of it, not of this test.)"""
+    x = torch.randn(4, 6)
+    config = linear_config(clip="none")
+    models = [attach_bilora(mlp(), config) for _ in range(2)]
+    for m in models:
+        randomize(m)
+    models[1].to(torch.float64)
+    references = [copy.deepcopy(m) for m in models]
+    opt = build_optimizer(models, config, lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        (models[0](x).pow(2).sum() + models[1](x.double()).pow(2).sum()).backward()
+        opt.step()
+    assert {p.dtype for p in models[1].parameters() if p.requires_grad} == {torch.float64}
+    for model, ref in zip(models, references):  # each model alone takes the same steps
+        want = _steps(ref, build_optimizer(ref, config, lr=1e-2), x.to(ref[0].weight.dtype))
+        for name, value in want.items():
+            torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dropout_layers_are_not_packed_and_train():
+    """With dropout the fused forward steps aside in training (each branch draws its own mask): such layers keep
+    PEFT's own tensors, which get gradients."""
+    model = attach_bilora(mlp(), linear_config(dropout=0.1))
+    randomize(model)
+    assert not any(is_packed(m) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(model, linear_config(dropout=0.1), optimizer_cls=torch.optim.SGD, lr=1e-2)
+    _steps(model, opt, torch.randn(4, 6), n=1)
+    moved = [k for k, v in model.state_dict().items() if ".lora_" in k and not torch.equal(v, before[k])]
+    assert len(moved) == 8  # SGD, no weight decay: only gradients move them
+
+
+def test_enable_fused_in_another_adapter_order_repacks():
+    from bilora_diffusion.fused import enable_fused
+
+    reference, packed = twin_models(mlp, linear_config())
+    x = torch.randn(4, 6)
+    enable_fused(packed, (AUX, PRIMARY))
+    torch.testing.assert_close(packed(x), reference(x), rtol=1e-5, atol=1e-6)
+    orders = {layer.__dict__["_bilora_packed"].adapters for layer in bilora_layers(packed)}
+    assert orders == {(AUX, PRIMARY)}
