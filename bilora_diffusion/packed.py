@@ -163,7 +163,8 @@ def _realias(layer: LoraLayer, record: _Packed, packed_wins: bool) -> None:
 
 def sync_layer(layer: LoraLayer) -> None:
     """Re-alias ``layer`` if the packed tensors or PEFT's views got new storage (or PEFT's parameters were
-    replaced, by a load with assign=True) since it was last aliased."""
+    replaced, by a load with assign=True, or marked trainable, by PEFT's set_adapter) since it was last
+    aliased."""
     record = layer.__dict__.get(PACK_ATTR)
     if record is None:
         return
@@ -172,7 +173,8 @@ def sync_layer(layer: LoraLayer) -> None:
         new is not old for (new, _, _), (old, _, _) in zip(views, record.views)
     )
     current = _ptrs(layer._parameters, views)
-    if not replaced and current == record.ptrs:
+    # PEFT's set_adapter marks its weights trainable again: they are views here, the packed tensors train.
+    if not replaced and current == record.ptrs and not any(v.requires_grad for v, _, _ in views):
         return
     packed_moved = not record.ptrs or current[:2] != record.ptrs[:2]
     _realias(layer, record, packed_wins=packed_moved and not replaced)

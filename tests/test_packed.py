@@ -245,3 +245,13 @@ def test_enable_fused_in_another_adapter_order_repacks():
     torch.testing.assert_close(packed(x), reference(x), rtol=1e-5, atol=1e-6)
     orders = {layer.__dict__["_bilora_packed"].adapters for layer in bilora_layers(packed)}
     assert orders == {(AUX, PRIMARY)}
+
+
+def test_peft_set_adapter_does_not_make_the_views_trainable_for_the_optimizer():
+    model = attach_bilora(mlp(), linear_config())
+    for layer in bilora_layers(model):
+        layer.set_adapter([PRIMARY, AUX])  # PEFT marks lora_A/lora_B trainable
+    opt = build_optimizer(model, linear_config(), lr=1e-2)  # checks the views again
+    assert_aliased(model)
+    listed = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert listed == {id(p) for p in model.parameters() if p.requires_grad}
