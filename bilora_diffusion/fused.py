@@ -44,14 +44,10 @@ from torch import nn
 
 from .adapters import LoraPair, ModelOrModels, _models
 from .config import AUX, PRIMARY
-from .packed import can_pack, pack_layer, packed_factors, unpack_layer
+from .packed import can_pack, no_dropout, pack_layer, packed_factors, unpack_layer
 
 FUSED_ATTR = "_bilora_fused_adapters"
 """Instance attribute that marks a layer as fused; it holds the adapter names the fast path serves."""
-
-
-def _no_dropout(module: nn.Module) -> bool:
-    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
 
 
 def can_fuse(layer: nn.Module, adapters: Sequence[str] = (PRIMARY, AUX)) -> bool:
@@ -99,7 +95,7 @@ def _fusable_now(layer: LoraLayer, adapters: Sequence[str], kwargs: dict) -> boo
     elif len(active) != len(adapters) or set(active) != set(adapters):
         return False
     dropouts = layer.lora_dropout._modules
-    return all(_no_dropout(dropouts[name]) for name in adapters)
+    return all(no_dropout(dropouts[name]) for name in adapters)
 
 
 def _weights(layer: LoraLayer, adapters: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -236,10 +232,7 @@ def enable_fused(model: ModelOrModels, adapters: Sequence[str] = (PRIMARY, AUX),
             if isinstance(layer, LoraLayer) and can_fuse(layer, adapters):
                 layer.__dict__[FUSED_ATTR] = adapters
                 layer.forward = _FusedForward(layer)
-                # Only where training runs the fused forward: a layer with dropout falls back to PEFT's forward,
-                # which reads PEFT's weights (views, without gradients, once packed).
-                dropouts = layer.lora_dropout._modules
-                if pack and can_pack(layer, adapters) and all(_no_dropout(dropouts[n]) for n in adapters):
+                if pack and can_pack(layer, adapters):
                     pack_layer(layer, adapters)
                 else:
                     unpack_layer(layer)

@@ -111,7 +111,7 @@ class _FlatSource:
         self.packed: list[int] = []
         """Indices of the packed tensors: hidden from state dicts, so on a CPU they live in the buffer itself."""
         where: dict[int, int] = {}
-        pieces: list[list[torch.Tensor]] = []  # per group: the element positions of every parameter
+        pieces: list[list[tuple]] = []  # per group: (source index, slice or None) of every parameter
         for fg in groups:
             fg.sources, positions = [], []
             for p in fg.params:
@@ -125,10 +125,7 @@ class _FlatSource:
                 fg.sources.append(where[id(tensor)])
                 positions.append((where[id(tensor)], part))
             pieces.append(positions)
-        self.numels = [t.numel() for t in self.tensors]
-        starts = [0]
-        for n in self.numels:
-            starts.append(starts[-1] + n)
+        starts = [0, *itertools.accumulate(t.numel() for t in self.tensors)]
         for fg, positions in zip(groups, pieces):
             fg.span, fg.index, fg.recipes = None, None, None
             first = starts[positions[0][0]] if positions else 0
@@ -351,6 +348,10 @@ class _FlatGroup:
         """Index in the source of each parameter's tensor (set by `_FlatSource`)."""
         self.span: tuple[int, int] | None = None
         """(start, end) in the source buffer when the vector is that slice of it."""
+        self.recipes: list[tuple] | None = None
+        """Otherwise, for a group of packed blocks: where each block lies in the source buffer."""
+        self.sources_of_blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """The strided views of the source buffer the recipes describe (made with the buffer)."""
         self.index: torch.Tensor | None = None
         """Otherwise the position in the source buffer of each of the vector's elements."""
 

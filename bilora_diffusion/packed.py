@@ -87,10 +87,17 @@ class _Packed:
         self.__init__(state["adapters"], state["ranks"])
 
 
+def no_dropout(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
+
+
 def can_pack(layer: nn.Module, adapters: Sequence[str]) -> bool:
-    """A fusable Linear LoRA layer (see `fused.can_fuse`) with two or more branches whose weights share
-    device and dtype."""
+    """A fusable Linear LoRA layer (see `fused.can_fuse`) with two or more branches whose weights share device
+    and dtype, and without dropout: a layer with dropout runs PEFT's forward in training (each branch draws its
+    own mask), which reads PEFT's weights -- views without gradients, once packed."""
     if type(layer) is not LoraLinear or len(adapters) < 2:
+        return False
+    if not all(no_dropout(layer.lora_dropout[n]) for n in adapters):
         return False
     weights = [layer.lora_A[n].weight for n in adapters] + [layer.lora_B[n].weight for n in adapters]
     return len({(w.device, w.dtype) for w in weights}) == 1
@@ -114,10 +121,6 @@ def _views(layer: LoraLayer, record: _Packed) -> list[tuple[nn.Parameter, str, o
 def _ptrs(packed: dict, views: list) -> tuple[int, ...]:
     """Storage pointers of the packed tensors and of PEFT's views (compared to detect new storage)."""
     return (packed[PACKED_A].data_ptr(), packed[PACKED_B].data_ptr(), *(v.data_ptr() for v, _, _ in views))
-
-
-def _pointers(layer: LoraLayer, record: _Packed) -> tuple[int, ...]:
-    return _ptrs(layer._parameters, record.views or _views(layer, record))
 
 
 def pack_layer(layer: LoraLayer, adapters: Sequence[str]) -> None:
@@ -158,7 +161,7 @@ def _realias(layer: LoraLayer, record: _Packed, packed_wins: bool) -> None:
                 part.copy_(view.detach())
         view.data = part
         view.requires_grad_(False)
-    record.ptrs = _pointers(layer, record)
+    record.ptrs = _ptrs(params, record.views)
 
 
 def sync_layer(layer: LoraLayer) -> None:
@@ -264,8 +267,7 @@ def packed_sources(model: ModelOrModels) -> tuple[dict[int, tuple[nn.Parameter, 
     """For the flat update: ``{id(PEFT parameter): (its packed tensor, its slice)}`` over every packed layer,
     and a token for `packing_changed`."""
     sources = {}
-    for layer in _packed_layers(model):
-        sync_layer(layer)
+    for layer in _packed_layers(model):  # (synced by the caller: build_optimizer, or pack/unpack itself)
         record = layer.__dict__[PACK_ATTR]
         for view, which, index in record.views:
             sources[id(view)] = (layer._parameters[which], index)
@@ -277,11 +279,6 @@ def packing_changed(token: int) -> bool:
     return token != _generation[0]
 
 
-def packed_parameters(model: ModelOrModels) -> list[nn.Parameter]:
-    """The packed tensors of every packed layer (the optimizer clears their gradients with its own)."""
-    return [layer._parameters[name] for layer in _packed_layers(model) for name in _PACKED_NAMES]
-
-
 __all__ = [
     "PACKED_A",
     "PACKED_B",
@@ -289,7 +286,6 @@ __all__ = [
     "is_packed",
     "pack_layer",
     "packed_factors",
-    "packed_parameters",
     "packed_sources",
     "packing_changed",
     "sync",
