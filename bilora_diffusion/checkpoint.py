@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import BiLoRAConfig
+from .files import umask_dir
 from .state import STATE_FILE, load_bilora_state, save_bilora_state
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def save_checkpoint(
         torch.save(rng, tmp / "rng.pt")
         (tmp / CONFIG_FILE).write_text(options_yaml)
         (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        umask_dir(tmp)  # mkdtemp made it 0700; the folder gets the mode of any folder the user makes
         if final.exists():  # a checkpoint of the same step (e.g. re-run after resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)

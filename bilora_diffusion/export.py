@@ -35,7 +35,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .adapters import bilora_layers, lora_config, primary_state_dict, unwrap
+from .checkpoint import CHECKPOINT_RE
 from .config import PRIMARY, BiLoRAConfig, ConfigError
+from .files import umask_dir
+from .hub import cast, dtype_kwargs, resolve_base_model
+from .options import OptionError
 from .sdxl.kohya import COMPONENTS, KeyMapError, kohya_stem, stem_table, text_encoder_path
 from .state import STATE_FILE, atomic_save_file, read_bilora_state
 
@@ -600,7 +604,7 @@ def fuse_into_pipeline(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base, **dtype_kwargs(torch.float32))
     except (OSError, ValueError) as err:
         raise ExportError(
             f"--fuse needs the base pipeline {base!r}, which could not be loaded: {err}"
@@ -612,14 +616,38 @@ def fuse_into_pipeline(
     pipe.unload_lora_weights()
     for name in ("unet", "text_encoder", "text_encoder_2"):
         # The VAE keeps its own dtype: an fp16 SDXL VAE overflows to NaN (the pipeline upcasts it anyway).
-        getattr(pipe, name).to(dtype)
+        cast(getattr(pipe, name), dtype=dtype)
     tmp_out = Path(tempfile.mkdtemp(prefix=f".{FUSED_DIR}-", dir=output_dir))
     try:
         pipe.save_pretrained(tmp_out)
+        umask_dir(tmp_out)  # mkdtemp made it 0700; the folder gets the mode of any folder the user makes
         _replace_dir(tmp_out, output_dir / FUSED_DIR)
     finally:
         shutil.rmtree(tmp_out, ignore_errors=True)
     return output_dir / FUSED_DIR
+
+
+def default_output(src: str | os.PathLike, save_dtype: str, fuse: bool = False) -> Path:
+    """Where ``bilora-export`` writes without ``--output``: a new folder next to what it reads, never the
+    training output itself — ``RUN/export-<dtype>[-fused]``, or for ``RUN/checkpoint-N``
+    ``RUN/export-checkpoint-N-<dtype>[-fused]`` (checkpoint rotation deletes checkpoint folders whole)."""
+    src = Path(src)
+    folder = src if src.is_dir() else src.parent
+    name = f"{save_dtype}-fused" if fuse else str(save_dtype)
+    if CHECKPOINT_RE.match(folder.name):
+        return folder.parent / f"export-{folder.name}-{name}"
+    return folder / f"export-{name}"
+
+
+def _existing_targets(out: Path, format: str, fuse: bool, output_name: str) -> list[Path]:
+    targets = []
+    if format in ("diffusers", "both"):
+        targets.append(out / DIFFUSERS_FILE)
+    if format in ("kohya", "both"):
+        targets.append(out / f"{output_name}.safetensors")
+    if fuse:
+        targets.append(out / FUSED_DIR)
+    return [t for t in targets if t.exists()]
 
 
 def export_from_folder(
@@ -631,18 +659,31 @@ def export_from_folder(
     save_dtype: torch.dtype | str = torch.float32,
     output_name: str | None = None,
     pretrained_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Export a training output or ``checkpoint-N`` folder (``bilora_adapters.safetensors`` +
     ``training_config.yaml``). The LoRA is checked against meta-device models built from the base model's
     configs; only ``fuse`` loads real weights. ``output_name`` / ``pretrained_model_name_or_path`` default to
-    the training options. Returns the written files (and the fused folder)."""
+    the training options. A file or ``fused/`` folder that already exists in ``out`` (e.g. the training's own
+    LoRA files) is refused unless ``overwrite``. Returns the written files (and the fused folder)."""
     loras, configs, options = read_training_output(src)
-    base = pretrained_model_name_or_path or options.get("pretrained_model_name_or_path")
+    output_name = output_name or str(options.get("output_name") or DEFAULT_OUTPUT_NAME)
+    existing = [] if overwrite else _existing_targets(Path(out), format, fuse, output_name)
+    if existing:
+        raise ExportError(
+            f"{existing[0]} exists (a training output?); pass --overwrite to replace it, or another --output"
+        )
+    flag = "--pretrained_model_name_or_path"
+    base = pretrained_model_name_or_path
+    if not base:
+        base = options.get("pretrained_model_name_or_path")
+        flag = f"base model (pretrained_model_name_or_path of {TRAINING_CONFIG})"
     if not base:
         raise ExportError(
             f"{src}: {TRAINING_CONFIG} gives no pretrained_model_name_or_path; pass --pretrained_model_name_or_path"
         )
     base = str(base)
+    resolve_base_model(base, "sdxl", flag=flag)
     models, unet_config = skeleton_models(base, [c for c, m in loras.items() if m])
     expected = {name: expected_targets(model, configs[name]) for name, model in models.items()}
     extra = training_metadata({**options, "pretrained_model_name_or_path": base})
@@ -656,7 +697,7 @@ def export_from_folder(
         format=format,
         save_dtype=save_dtype,
         metadata=extra,
-        output_name=output_name or str(options.get("output_name") or DEFAULT_OUTPUT_NAME),
+        output_name=output_name,
         source=str(src),
     )
     if fuse:
@@ -808,7 +849,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(<output_name>.safetensors, for ComfyUI / A1111 / Forge).",
     )
     parser.add_argument("--input", required=True, help="training output or checkpoint-N folder")
-    parser.add_argument("--output", default=None, help="folder to write to (default: --input)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder to write to (default: a new folder INPUT/export-<save_dtype>[-fused]; for INPUT "
+        "RUN/checkpoint-N, RUN/export-checkpoint-N-<save_dtype>[-fused])",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace LoRA files or a fused/ folder that already exist in the output folder (never by default)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="both")
     parser.add_argument("--save_dtype", choices=tuple(SAVE_DTYPES), default="fp32")
     parser.add_argument(
@@ -833,20 +884,24 @@ def fail(prog: str, err: BaseException) -> SystemExit:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``bilora-export``: exit 0 and print the written paths, or exit 2 with a one-line error."""
+    """``bilora-export``: exit 0 and print the written paths (stdout; where they went on stderr), or exit 2
+    with a one-line error. Never replaces an existing file unless ``--overwrite``."""
     args = build_parser().parse_args(argv)
+    out = args.output or default_output(args.input, args.save_dtype, args.fuse)
     try:
         written = export_from_folder(
             args.input,
-            args.output or args.input,
+            out,
             format=args.format,
             fuse=args.fuse,
             save_dtype=args.save_dtype,
             output_name=args.output_name,
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            overwrite=args.overwrite,
         )
-    except (ExportError, ConfigError, KeyMapError, OSError) as err:
+    except (ExportError, ConfigError, KeyMapError, OptionError, OSError) as err:
         raise fail("bilora-export", err) from None
+    print(f"bilora-export: wrote {len(written)} file(s) to {out}:", file=sys.stderr)
     for path in written:
         print(path)
     return 0

@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from .config import ConfigError
 from .export import ExportError, check_lora_file, fail
+from .hub import dtype_kwargs, resolve_base_model
 from .sdxl.kohya import KeyMapError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,7 +60,8 @@ def load_pipeline(base: str, dtype: torch.dtype, device: str):
     """The stock pipeline, progress bars off (they would interleave with the printed paths)."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=dtype)
+    resolve_base_model(base, "sdxl")  # a missing, unreachable or non-SDXL base: one line, before loading
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, **dtype_kwargs(dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -170,7 +170,11 @@ def parse_options(cls: type, argv: list[str] | None = None) -> Any:
 
 
 def format_help(cls: type) -> str:
-    lines = [f"options ({cls.__name__}); also --config FILE.yaml with the same keys (flags override it):"]
+    """The ``--help`` text: the class's ``usage`` (a plain class attribute, not a field) when it has one,
+    then every option with its default and help."""
+    usage = getattr(cls, "usage", None) or "usage: [--config FILE.yaml] [--name value ...]"
+    lines = [usage, ""]
+    lines.append(f"options ({cls.__name__}); also --config FILE.yaml with the same keys (flags override it):")
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         choices = f.metadata.get("choices")

@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapters import adapter_state_dict, load_adapter_state_dict
 from .config import AUX, PRIMARY, BiLoRAConfig
+from .files import umask_file
 
 STATE_FILE = "bilora_adapters.safetensors"
 FORMAT = "bilora-state-v1"
@@ -36,6 +37,7 @@ def atomic_save_file(
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask_file(tmp)  # mkstemp made it 0600; the file gets the mode of any file the user writes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

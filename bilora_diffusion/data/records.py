@@ -104,7 +104,7 @@ def _chunks(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
         yield chunk
 
 
-def _scan(listing: SourceListing, min_size: int) -> ScanReport:
+def _scan(listing: SourceListing, min_size: int, min_size_reason: str | None = None) -> ScanReport:
     """Inspect every candidate once; order follows the listing, so the report is deterministic."""
     report = ScanReport([], [], [], list(listing.ignored), listing.kind, listing.location)
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -117,6 +117,8 @@ def _scan(listing: SourceListing, min_size: int) -> ScanReport:
                 if info is not None and problem is None and min(info.size) < min_size:
                     width, height = info.size
                     problem = f"too small: {width}x{height}, shorter side below min_size {min_size}"
+                    if min_size_reason:
+                        problem += f" ({min_size_reason})"
                 if problem is not None:
                     report.skipped.append((candidate.key, problem))
                     continue
@@ -143,6 +145,7 @@ def load_records(
     revision: str | None = None,
     min_size: int = 0,
     on_bad_image: str = "skip",
+    min_size_reason: str | None = None,
 ) -> ScanReport:
     """Find the training samples and run the pre-flight scan; raise DataError if training cannot start.
 
@@ -150,7 +153,8 @@ def load_records(
     metadata.jsonl/.csv, a `save_to_disk` dataset) or a Hub dataset id; `train_data_dir` is a local folder.
     `dataset` may also be a `datasets.Dataset` / `DatasetDict` object. Captions: a non-empty caption (file,
     metadata cell or column) wins; otherwise `instance_prompt` if given; otherwise the sample is bad.
-    `min_size`: a sample whose shorter side (after EXIF transpose) is below it is reported as too small.
+    `min_size`: a sample whose shorter side (after EXIF transpose) is below it is reported as too small;
+    `min_size_reason` (e.g. the options that set min_size and how to change them) is added to that report.
     `on_bad_image`: "skip" drops bad samples with one warning; "error" raises a DataError naming the first
     few and the count. A dataset with no usable sample is always a DataError.
     """
@@ -172,7 +176,7 @@ def load_records(
         "revision": revision,
     }
     listing = open_source(dataset, dataset_name, train_data_dir, settings)
-    report = _scan(listing, min_size)
+    report = _scan(listing, min_size, min_size_reason)
     if report.skipped and on_bad_image == "error":
         raise DataError(
             f"{report.location}: {len(report.skipped)} bad sample(s) found by the pre-flight scan "

@@ -121,8 +121,22 @@ class LatentCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     @torch.no_grad()
-    def build(self, records, plans, flips: bool, vae, device, dtype, num_workers: int = 0, disable_bar=False):
-        """Encode every variant not already on disk (batched by size), scaled by the VAE's factors."""
+    def build(
+        self,
+        records,
+        plans,
+        flips: bool,
+        vae,
+        device,
+        dtype,
+        num_workers: int = 0,
+        disable_bar=False,
+        label: str = "latent cache",
+    ):
+        """Encode every variant not already on disk (batched by size), scaled by the VAE's factors; logs
+        ``<label>: N hits, M encoded`` (nothing for an empty set, e.g. no held-out images)."""
+        if not records:
+            return
         variants = (False, True) if flips else (False,)
         jobs, paths = [], {}
         for i, record in enumerate(records):  # disk hits first: they need no image decode at all
@@ -150,7 +164,7 @@ class LatentCache:
             self.misses += 1
             if paths[(index, flip)] is not None:
                 atomic_save_file({"latent": latent}, paths[(index, flip)])
-        logger.info("latent cache: %d hits, %d encoded", self.hits, self.misses)
+        logger.info("%s: %d hits, %d encoded", label, self.hits, self.misses)
 
     def get(self, index: int, flip: bool) -> torch.Tensor:
         return self.latents[(index, flip)]

@@ -5,21 +5,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hub import SDXL_BASE
 from ..options import OptionError, TrainOptions, opt
 
 TOY_MODEL = str(Path(__file__).resolve().parent.parent / "toy" / "sdxl-tiny")
-"""The embedded default: a tiny SDXL-architecture model shipped in the package (runs offline on a CPU)."""
+"""The embedded toy model: a tiny SDXL-architecture model shipped in the package (runs offline on a CPU). The
+no-argument demo (configs/demo.yaml) names it; pass it as --pretrained_model_name_or_path to use it elsewhere."""
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+USAGE = """usage: python train_sdxl.py [--config FILE.yaml] [--name value ...]
+       accelerate launch [accelerate options] train_sdxl.py [--config FILE.yaml] [--name value ...]
+
+With no arguments, train_sdxl.py runs the embedded demo (configs/demo.yaml): the tiny SDXL-architecture model
+shipped in the package learns a new concept from 24 shipped pictures, offline, on a CPU, in a few minutes.
+With any argument, the base model is --pretrained_model_name_or_path (default: stabilityai/stable-diffusion-xl-
+base-1.0) and --dataset is required. A bad option exits with status 2 and one line naming it."""
 
 
 @dataclass
 class SDXLOptions(TrainOptions):
     """Options of the SDXL trainer."""
 
+    usage = USAGE  # not a field: printed first by --help
+
     pretrained_model_name_or_path: str = opt(
-        TOY_MODEL, "Base SDXL model: Hub id or local folder (default: the embedded tiny model).", path=True
+        SDXL_BASE,
+        "Base SDXL model: Hub id or local diffusers folder. The embedded toy model (what the no-argument demo "
+        "trains) is bilora_diffusion/toy/sdxl-tiny.",
+        path=True,
     )
     pretrained_vae_model_name_or_path: str | None = opt(
         None, "A VAE to use instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix).", path=True

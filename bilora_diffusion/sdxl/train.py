@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..adapters import attach_bilora, aux_disabled, unwrap
-from ..checkpoint import check_free_space
+from ..checkpoint import CONFIG_FILE, check_free_space, list_checkpoints
 from ..data import DataError, assign_bucket, epoch_batches, load_records
+from ..hub import cast, resolve_base_model
 from ..options import OptionError
+from ..state import STATE_FILE
 from ..training import (
     RunResult,
     Trainer,
@@ -53,9 +56,77 @@ class SDXLTrainer(Trainer):
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.setup_data()
+        self.check_base_model()
+        self.log_run()
         self.setup_models()
         self.setup_caches()
         self.setup_training()
+
+    def check_base_model(self) -> None:
+        """A base model (or VAE) that is missing, unreachable, gated or not SDXL stops the run here, after the
+        data scan and before anything loads: one line, exit 2."""
+        o = self.opt
+        resolve_base_model(o.pretrained_model_name_or_path, "sdxl", revision=o.revision)
+        if o.pretrained_vae_model_name_or_path:
+            resolve_base_model(
+                o.pretrained_vae_model_name_or_path,
+                "vae",
+                revision=o.revision,
+                flag="--pretrained_vae_model_name_or_path",
+            )
+
+    def planned_steps(self) -> tuple[int, int]:
+        """(optimizer steps of the run, steps per epoch), as `setup_training` will compute them."""
+        o = self.opt
+        batches = epoch_batches(self.buckets, o.train_batch_size, o.seed, 0)
+        per_epoch = steps_per_epoch(len(batches), self.world, o.gradient_accumulation_steps)
+        return o.max_train_steps or o.num_train_epochs * per_epoch, per_epoch
+
+    def log_run(self) -> None:
+        """One block at the start of every run: what trains on what, how, for how long, and where it goes."""
+        if not self.accelerator.is_main_process:
+            return
+        o, report = self.opt, self.data_report
+        config = o.bilora_config(o.target_modules)
+        total, per_epoch = self.planned_steps()
+        skipped = len(report.skipped) + self.too_small
+        data = (
+            f"{o.dataset or o.dataset_name or o.train_data_dir} ({report.kind}): {len(self.records)} images"
+        )
+        data += f" for training, {len(self.val_records)} held out" if self.val_records else ""
+        data += f", {skipped} skipped (see the warning above)" if skipped else ""
+        sizes = Counter(f"{w}x{h}" for w, h in self.buckets)
+        if o.bucketing:
+            geometry = (
+                f"{o.resolution} px buckets ({', '.join(f'{k}: {n}' for k, n in sizes.most_common(6))})"
+            )
+        else:
+            geometry = f"{o.resolution}x{o.resolution}"
+        geometry += ", center crop" if o.center_crop else ", random crop"
+        geometry += ", random flip" if o.random_flip else ""
+        method = f"{o.method}: rank {config.rank}, alpha {config.alpha:g}"
+        if config.aux_rank:
+            method += f", aux rank {config.aux_rank}, aux alpha {config.aux_alpha:g}, rho {config.rho:g}"
+            method += f", clip {config.clip}, aux lr {o.aux_lr or o.learning_rate:g}"
+        elif o.method in ("lora-sam", "flat-lora"):
+            method += f", rho {o.rho:g}"
+        trained = "UNet" + (" + both text encoders" if o.train_text_encoder else "")
+        lines = [
+            f"base model  {o.pretrained_model_name_or_path}"
+            + (
+                f" (VAE {o.pretrained_vae_model_name_or_path})" if o.pretrained_vae_model_name_or_path else ""
+            ),
+            f"dataset     {data}",
+            f"resolution  {geometry}",
+            f"method      {method}; {trained} ({', '.join(o.target_modules)})",
+            f"optimizer   lr {o.learning_rate:g} ({o.lr_scheduler}, {o.lr_warmup_steps} warmup steps), batch "
+            f"{o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {self.world} process(es), "
+            f"mixed precision {self.accelerator.mixed_precision}",
+            f"steps       {total} ({per_epoch} per epoch), checkpoint every {o.checkpointing_steps}"
+            + (f", samples every {o.validation_steps}" if o.validation_prompt else ""),
+            f"output      {self.output_dir.resolve()}",
+        ]
+        logger.info("run:\n  %s", "\n  ".join(lines))
 
     def setup_data(self) -> None:
         o = self.opt
@@ -70,8 +141,13 @@ class SDXLTrainer(Trainer):
             instance_prompt=o.instance_prompt,
             cache_dir=o.cache_dir,
             min_size=math.ceil(o.resolution / o.max_upscale) if not o.bucketing else 0,
+            min_size_reason=(
+                f"--resolution {o.resolution} with --max_upscale {o.max_upscale:g}: lower --resolution, "
+                "raise --max_upscale, or use --bucketing"
+            ),
             on_bad_image=o.on_bad_image,
         )
+        self.data_report = report
         records = self.drop_unbucketable(report.records)
         order = list(range(len(records)))
         random.Random(o.seed).shuffle(order)
@@ -90,6 +166,7 @@ class SDXLTrainer(Trainer):
         warning (or the run stops under --on_bad_image error) before any model loads."""
         o = self.opt
         kept, small = [], []
+        self.too_small = 0
         for record in records:
             fits = assign_bucket(record.size, o.resolution, o.bucketing, o.max_upscale) is not None
             (kept if fits else small).append(record)
@@ -101,8 +178,9 @@ class SDXLTrainer(Trainer):
             )
             if o.on_bad_image == "error":
                 raise DataError(message)
+            self.too_small = len(small)
             if self.accelerator.is_main_process:
-                logger.warning("skipped %s", message)
+                logger.warning("skipped %s; lower --resolution or raise --max_upscale", message)
         if not kept:
             raise DataError(f"no usable image left in the dataset: {message}")
         return kept
@@ -120,10 +198,19 @@ class SDXLTrainer(Trainer):
             model.requires_grad_(False)
         # The VAE stays in float32 unless a fixed VAE is given: SDXL's fp16 VAE overflows to NaN.
         vae_dtype = self.dtype if o.pretrained_vae_model_name_or_path else torch.float32
-        c.vae.to(acc.device, dtype=vae_dtype)
-        c.unet.to(acc.device, dtype=self.dtype)
+        cast(c.vae, acc.device, vae_dtype)
+        cast(c.unet, acc.device, self.dtype)
         for te in c.text_encoders:
-            te.to(acc.device, dtype=self.dtype)
+            cast(te, acc.device, self.dtype)
+        native = c.unet.config.sample_size * 2 ** (len(c.vae.config.block_out_channels) - 1)
+        if acc.is_main_process and not native / 2 <= o.resolution <= native * 2:
+            logger.warning(
+                "--resolution %d: the base model makes %d px images; training far from its size is slow "
+                "(above) or loses detail (below) — set --resolution near %d",
+                o.resolution,
+                native,
+                native,
+            )
         self.configs = {"unet": o.bilora_config(o.target_modules)}
         attach_bilora(c.unet, self.configs["unet"])
         self.trained = {"unet": c.unet}
@@ -173,7 +260,15 @@ class SDXLTrainer(Trainer):
                 bar_off,
             )
             self.val_latents.build(
-                self.val_records, self.val_plans, False, c.vae, acc.device, c.vae.dtype, 0, True
+                self.val_records,
+                self.val_plans,
+                False,
+                c.vae,
+                acc.device,
+                c.vae.dtype,
+                0,
+                True,
+                label="latent cache (held-out images)",
             )
             self.text_cache = None
             if not o.train_text_encoder:
@@ -323,18 +418,37 @@ class SDXLTrainer(Trainer):
         acc.wait_for_everyone()
 
     def save_outputs(self) -> None:
-        self.export()
+        written = [(f"LoRA ({fmt})", path) for fmt, path in zip(self.export_formats(), self.export())]
+        written += [
+            ("both branches", self.output_dir / STATE_FILE),
+            ("options", self.output_dir / CONFIG_FILE),
+        ]
         if self.opt.validation_prompt:
             with aux_disabled(list(self.trained.values())):
-                save_validation_grid(self, self.global_step)
+                written.append(("samples", save_validation_grid(self, self.global_step)))
                 if self.opt.compare_grid:
                     path, before, after = save_before_after(self)
-                    logger.info("before/after grid: %s", path)
+                    written.append(("before/after", path))
                     if Path(self.opt.pretrained_model_name_or_path).resolve() == Path(TOY_MODEL).resolve():
                         report_toy_concept(self.opt.validation_prompt, before, after)
+        checkpoints = list_checkpoints(self.output_dir)
+        if checkpoints:
+            written.append(("checkpoint", checkpoints[-1]))
+        width = max(len(what) for what, _ in written)
+        logger.info(
+            "done: %d steps; wrote\n  %s",
+            self.global_step,
+            "\n  ".join(f"{what:<{width}}  {Path(path).resolve()}" for what, path in written),
+        )
 
-    def export(self) -> None:
-        """The primary branch as the LoRA files users take away (diffusers and/or kohya format)."""
+    def export_formats(self) -> list[str]:
+        """The formats `export` writes, in the order of the paths it returns."""
+        fmt = self.opt.export_format
+        return ["diffusers", "kohya"] if fmt == "both" else [fmt]
+
+    def export(self) -> list[Path]:
+        """The primary branch as the LoRA files users take away (diffusers and/or kohya format); returns
+        their paths."""
         from ..export import export_lora, training_metadata
 
         o = self.opt
@@ -346,7 +460,7 @@ class SDXLTrainer(Trainer):
             self.output_dir,
             4 * sum(p.numel() * 4 for m in components.values() for p in m.parameters() if p.requires_grad),
         )
-        export_lora(
+        return export_lora(
             self.output_dir,
             components,
             self.configs,
