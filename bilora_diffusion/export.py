@@ -37,7 +37,7 @@ from torch import nn
 from .adapters import bilora_layers, lora_config, primary_state_dict, unwrap
 from .checkpoint import CHECKPOINT_RE
 from .config import PRIMARY, BiLoRAConfig, ConfigError
-from .files import umask_dir
+from .files import umask_file, umask_tree
 from .hub import cast, dtype_kwargs, resolve_base_model
 from .options import OptionError
 from .sdxl.kohya import COMPONENTS, KeyMapError, kohya_stem, stem_table, text_encoder_path
@@ -330,6 +330,7 @@ def write_diffusers(
     try:
         StableDiffusionXLPipeline.save_lora_weights(tmp, **kwargs)
         target = output_dir / DIFFUSERS_FILE
+        umask_file(tmp / DIFFUSERS_FILE)  # diffusers' writer leaves it 0600
         os.replace(tmp / DIFFUSERS_FILE, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -620,7 +621,9 @@ def fuse_into_pipeline(
     tmp_out = Path(tempfile.mkdtemp(prefix=f".{FUSED_DIR}-", dir=output_dir))
     try:
         pipe.save_pretrained(tmp_out)
-        umask_dir(tmp_out)  # mkdtemp made it 0700; the folder gets the mode of any folder the user makes
+        # mkdtemp made it 0700 and transformers writes its weights 0600: the folder and its files get the modes
+        # of any the user makes.
+        umask_tree(tmp_out)
         _replace_dir(tmp_out, output_dir / FUSED_DIR)
     finally:
         shutil.rmtree(tmp_out, ignore_errors=True)

@@ -38,3 +38,15 @@ def umask_file(path: str | os.PathLike) -> None:
 def umask_dir(path: str | os.PathLike) -> None:
     """Give the folder ``path`` the mode ``os.mkdir`` would have given it: 0o777 & ~umask."""
     os.chmod(path, 0o777 & ~current_umask())
+
+
+def umask_tree(root: str | os.PathLike) -> None:
+    """`umask_dir` on ``root`` and every folder under it, `umask_file` on every file: for folders written by
+    other libraries' ``save_pretrained`` (transformers writes its weights 0600 through a temporary file)."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)

@@ -174,13 +174,13 @@ class SDXLTrainer(Trainer):
             names = ", ".join(f"{r.key} ({r.size[0]}x{r.size[1]})" for r in small[:5])
             message = (
                 f"{len(small)} image(s) too small for --resolution {o.resolution} with --max_upscale "
-                f"{o.max_upscale}: {names}"
+                f"{o.max_upscale}: {names}; lower --resolution or raise --max_upscale"
             )
             if o.on_bad_image == "error":
                 raise DataError(message)
             self.too_small = len(small)
             if self.accelerator.is_main_process:
-                logger.warning("skipped %s; lower --resolution or raise --max_upscale", message)
+                logger.warning("skipped %s", message)
         if not kept:
             raise DataError(f"no usable image left in the dataset: {message}")
         return kept
