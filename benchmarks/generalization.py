@@ -217,7 +217,7 @@ def evaluate(trainer, s: Settings, folders: dict, prompts: dict, base: bool = Fa
     is off throughout; ``base=True`` evaluates W0 alone (adapters disabled)."""
     import contextlib
 
-    from bilora_diffusion.adapters import adapters_disabled, aux_disabled
+    from bilora_diffusion import adapters_disabled, aux_disabled
     from bilora_diffusion.data import load_records
     from bilora_diffusion.landscape import adapted_layers, fixed_batches, loss_function, sharpness
     from bilora_diffusion.sdxl.sampling import build_pipeline

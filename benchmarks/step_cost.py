@@ -17,7 +17,13 @@ the RSS just before the first step (what the step adds: gradients, optimizer sta
 
     python benchmarks/step_cost.py --model sdxl-topology-small --quick           # CPU, a few minutes
     python benchmarks/step_cost.py --model sdxl-topology-small --train_text_encoder
+    python benchmarks/step_cost.py --model sdxl-widths-shallow --resolution 512  # CPU: SDXL's real widths
     python benchmarks/step_cost.py --model sdxl --resolution 1024                 # GPU: bf16, checkpointing
+
+Also reported per variant: what its training holds (``held``, by tensor storage: the adapters, one gradient
+per adapter tensor as at the end of a backward, the optimizer's state and its own buffers), and for bilora
+``(held - lora's held) / (16 bytes x auxiliary parameters)``: 16 bytes (fp32 weight, gradient, two AdamW
+moments) is the least an auxiliary parameter can cost, so 1.00 is the physical limit.
 
 Outputs ``benchmarks/results/step_cost_<model>_<resolution>[_w<widths>][_te][_pertensor][_quick].{json,png}``
 and a Markdown table on stdout. Results and their reading: benchmarks/RESULTS.md.
@@ -42,9 +48,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # "modules that should be
 import torch
 from torch import nn
 
-from bilora_diffusion.adapters import attach_bilora, bilora_layers
+from bilora_diffusion import attach_bilora, bilora_layers
 from bilora_diffusion.config import AUX, PRIMARY
-from bilora_diffusion.fused import clip_aux_, disable_fused, enable_fused, is_fused
+from bilora_diffusion.fused import disable_fused, enable_fused, is_fused
 from bilora_diffusion.sdxl.loss import MicroBatch, draw_noise, micro_batch_loss
 from bilora_diffusion.sdxl.models import encode_prompt, tokenize
 from bilora_diffusion.sdxl.options import SDXLOptions
@@ -55,17 +61,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 VARIANTS: dict[str, tuple[str, str]] = {
     # name: (method, forward); forward "peft" = PEFT's per-adapter forward, "fused" = bilora_diffusion.fused
-    "lora": ("lora", "peft"),
+    "lora": ("lora", "fused"),
     "bilora": ("bilora", "fused"),
     "bilora-unfused": ("bilora", "peft"),
     "dual-descent": ("dual-descent", "fused"),
-    "lora-sam": ("lora-sam", "peft"),
-    "flat-lora": ("flat-lora", "peft"),
-    "lora-fusedfwd": ("lora", "fused"),
+    "lora-sam": ("lora-sam", "fused"),
+    "flat-lora": ("flat-lora", "fused"),
+    "lora-peft": ("lora", "peft"),
 }
-"""The library's defaults are lora/lora-sam/flat-lora on PEFT's forward and bilora/dual-descent fused.
-``lora-fusedfwd`` is a reference, not a toolkit method: one LoRA on the same single-GEMM + addmm forward as
-the fused pair, to separate what fusion saves over PEFT's forward from the cost of the auxiliary branch."""
+"""Every method on the library's default, the fused forward (one low-rank product per layer; for lora the
+single-LoRA fast path), so bilora is compared like-for-like. ``bilora-unfused`` and ``lora-peft`` are
+references: the same methods on PEFT's own per-adapter forward."""
 
 # -- models -------------------------------------------------------------------------------------------------
 SDXL_UNET = dict(
@@ -139,7 +145,19 @@ SMALL_TEXT = (
     ),
 )
 
-MODELS = {"sdxl-topology-small": (SMALL_UNET, SMALL_TEXT), "sdxl": (SDXL_UNET, SDXL_TEXT)}
+SHALLOW_UNET = {**SDXL_UNET, "transformer_layers_per_block": (1, 1, 1)}
+"""SDXL's real widths (320/640/1280 channels, heads of 64, cross-attention 2048, SDXL's micro-conditioning),
+with one transformer block per level and in the middle instead of 1/2/10 and 10: the per-layer costs of
+the real model at a depth a CPU steps in seconds."""
+SHALLOW_TEXT = tuple({**cfg, "num_hidden_layers": 1} for cfg in SDXL_TEXT)
+"""Both text encoders at their real widths with one layer each: the UNet's real conditioning shapes (they
+are frozen and their outputs cached in this model's runs unless --train_text_encoder)."""
+
+MODELS = {
+    "sdxl-topology-small": (SMALL_UNET, SMALL_TEXT),
+    "sdxl-widths-shallow": (SHALLOW_UNET, SHALLOW_TEXT),
+    "sdxl": (SDXL_UNET, SDXL_TEXT),
+}
 
 
 def build_components(
@@ -398,7 +416,39 @@ def memory_one(args: argparse.Namespace, variant: str, accelerator) -> dict:
     else:
         peak = _proc_status_kb("VmHWM") * 1024
         kind = "peak RSS (VmHWM), MALLOC_MMAP_THRESHOLD_=65536, fresh process"
-    return {"peak_bytes": peak, "before_step_bytes": before, "growth_bytes": peak - before, "kind": kind}
+    return {
+        "peak_bytes": peak,
+        "before_step_bytes": before,
+        "growth_bytes": peak - before,
+        "kind": kind,
+        **held_bytes(runner.optimizer),
+    }
+
+
+def held_bytes(optimizer) -> dict:
+    """What the training holds for its adapters, by unique tensor storage: the trained tensors, a gradient per
+    trained tensor (as at the end of a backward; the step frees them), the optimizer's state and its own
+    buffers (e.g. the flat update's vectors kept between steps); and the number of auxiliary parameters."""
+    storages: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        if t.numel():
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        add(p)
+    for group in optimizer.inner.param_groups:
+        for t in group["params"]:
+            add(t)
+    for state in optimizer.inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                add(value)
+    grads = sum(p.numel() * p.element_size() for p in params)
+    aux = sum(p.numel() for g in optimizer.param_groups if g.get("bilora_role") == "aux" for p in g["params"])
+    return {"held_bytes": sum(storages.values()) + grads, "aux_params": aux}
 
 
 def measure_memory(args: argparse.Namespace, accelerator) -> dict:
@@ -421,53 +471,36 @@ def measure_memory(args: argparse.Namespace, accelerator) -> dict:
 
 # -- the update, piece by piece -------------------------------------------------------------------------------
 def update_breakdown(args: argparse.Namespace, accelerator) -> dict:
-    """Median time of each piece of the update after one forward/backward, for lora and bilora. The
-    per-tensor update (``flat=False``): the per-group gradient clip, AdamW in its three implementations (each
-    tensor stepped), the batched auxiliary clip (`fused.clip_aux_`); and the
-    library's default, the flat update (`BiLoRAOptimizer._flat_step`: gradients gathered, clipped, one fused
-    AdamW per group, the aux clip on the flat vector, copied back). Milliseconds by the run's clock."""
+    """Median time of the whole update after one forward/backward, for lora and bilora: the per-tensor update
+    (``flat=False``: fused AdamW over every adapter tensor, per-role gradient clip, batched aux clip) and the
+    library's default, the flat update (`bilora_diffusion.optim.flat`). Milliseconds by the run's clock."""
     dtype = getattr(torch, args.dtype)
     out: dict[str, dict[str, float]] = {}
     for variant in ("lora", "bilora"):
-        comps = build_components(args.model, accelerator.device, dtype, args.seed, args.unet_widths)
-        runner = Runner(args, variant, comps, accelerator)
-        mb = make_batches(args, {"text_encoders": runner.encoders, "tokenizers": runner.tokenizers}, 1)[0]
-        runner.step(mb)
-        runner.step_fn.optimizer.zero_grad(set_to_none=True)
-        runner.accelerator.backward(runner.loss(mb))
-        flat_opt = runner.optimizer
-
-        def timed(fn, repeats: int = 9) -> float:
+        row: dict[str, float] = {}
+        for flat in (False, True):
+            args.per_tensor_update = not flat
+            comps = build_components(args.model, accelerator.device, dtype, args.seed, args.unet_widths)
+            runner = Runner(args, variant, comps, accelerator)
+            mb = make_batches(args, {"text_encoders": runner.encoders, "tokenizers": runner.tokenizers}, 1)[0]
+            runner.step(mb)
+            runner.optimizer.zero_grad(set_to_none=True)
+            runner.accelerator.backward(runner.loss(mb))
+            row["tensors"] = sum(len(g["params"]) for g in runner.optimizer.param_groups)
+            update = runner.optimizer._flat_update if flat else runner.optimizer._tensor_update
             values = []
-            for _ in range(repeats):
+            for _ in range(9):
                 _sync()
                 start = CLOCK()
                 with torch.no_grad():
-                    fn()
+                    update()
                 _sync()
                 values.append((CLOCK() - start) * 1e3)
-            return statistics.median(values)
-
-        # The library's update first: the per-tensor optimizer below unpacks the packed layers.
-        flat_ms = timed(flat_opt._flat_step)
-        options = SDXLOptions(method=VARIANTS[variant][0], rank=4, lora_alpha=8.0, report_to="none")
-        config = options.bilora_config(options.target_modules)
-        model_lrs = [(m, 1e-4) for m in runner.step_fn.models]
-        opt = make_optimizer(options, model_lrs, config, total_steps=1000, world_size=1, flat=False)
-        row = {
-            "tensors": sum(len(g["params"]) for g in opt.param_groups),
-            "clip_grads_ms": timed(opt._clip_grads),
-        }
-        for impl in ("single", "foreach", "fused"):
-            for group in opt.param_groups:
-                group["foreach"], group["fused"] = impl == "foreach", impl == "fused"
-            row[f"adamw_{impl}_ms"] = timed(opt.inner.step)
-        if opt._aux_pairs:
-            row["aux_clip_batched_ms"] = timed(lambda opt=opt: clip_aux_(opt._aux_pairs, 0.05, "global"))
-        row["flat_update_ms"] = flat_ms
+            row["flat_update_ms" if flat else "per_tensor_update_ms"] = statistics.median(values)
+            del runner, comps
+            gc.collect()
         out[variant] = row
-        del runner, comps, opt, flat_opt
-        gc.collect()
+    args.per_tensor_update = False
     return out
 
 
@@ -502,19 +535,22 @@ def markdown_table(result: dict) -> str:
     mem = result.get("memory", {})
     lines = [
         "| variant | method | forward | step s, median [q1, q3] | time / lora (paired) | fwd+bwd s | "
-        "update s | wall s | peak mem / lora | step mem growth / lora |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "update s | wall s | peak mem / lora | step mem growth / lora | held beyond lora / (16 B x aux params) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = mem.get("lora")
     for name, r in rows.items():
         m = mem.get(name)
         peak = f"{m['peak_bytes'] / base['peak_bytes']:.3f}" if m and base else "-"
         growth = f"{m['growth_bytes'] / base['growth_bytes']:.3f}" if m and base else "-"
+        held = "-"
+        if m and base and m.get("aux_params"):
+            held = f"{(m['held_bytes'] - base['held_bytes']) / (16 * m['aux_params']):.3f}"
         lines.append(
             f"| {name} | {r['method']} | {r['forward']} | {r['step_s_median']:.3f} "
             f"[{r['step_s_q1']:.3f}, {r['step_s_q3']:.3f}] | {r['time_ratio_paired']:.3f} | "
             f"{r['passes_s_median']:.3f} | {r['update_s_median']:.3f} | {r['wall_s_median']:.3f} | "
-            f"{peak} | {growth} |"
+            f"{peak} | {growth} | {held} |"
         )
     if base:
         lines.append(

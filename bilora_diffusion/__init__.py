@@ -8,19 +8,22 @@ Public API (see README.md):
     loss = optimizer.step(closure)                     # closure: forward + backward, returns the loss
     with aux_disabled(model): ...                      # W0 + s1·B1·A1 only (validation, sampling)
     primary_state_dict(model)                          # the LoRA users take away
+
+The algorithm itself: `bilora_diffusion.core` (each rule once, and a plain reference step).
 """
 
-from .adapters import (
+from .adapters import attach_bilora
+from .config import AUX, METHODS, PRIMARY, BiLoRAConfig, ConfigError
+from .optim import BiLoRAOptimizer, build_optimizer
+from .peft_glue import (
     adapter_state_dict,
-    attach_bilora,
+    adapters_disabled,
     aux_disabled,
     aux_norm,
     bilora_layers,
     load_adapter_state_dict,
     primary_state_dict,
 )
-from .config import AUX, METHODS, PRIMARY, BiLoRAConfig, ConfigError
-from .methods import BiLoRAOptimizer, build_optimizer
 
 __version__ = "0.1.0"
 
@@ -32,6 +35,7 @@ __all__ = [
     "BiLoRAOptimizer",
     "ConfigError",
     "adapter_state_dict",
+    "adapters_disabled",
     "attach_bilora",
     "aux_disabled",
     "aux_norm",

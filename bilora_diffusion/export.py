@@ -34,12 +34,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .adapters import bilora_layers, lora_config, primary_state_dict, unwrap
 from .checkpoint import CHECKPOINT_RE
 from .config import PRIMARY, BiLoRAConfig, ConfigError
 from .files import umask_file, umask_tree
 from .hub import cast, dtype_kwargs, resolve_base_model
 from .options import OptionError
+from .peft_glue import bilora_layers, lora_config, primary_state_dict, unwrap
 from .sdxl.kohya import COMPONENTS, KeyMapError, kohya_stem, stem_table, text_encoder_path
 from .state import STATE_FILE, atomic_save_file, read_bilora_state
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import aux_disabled, bilora_layers, lora_pair, unwrap
+from .peft_glue import aux_disabled, bilora_layers, lora_pair, unwrap
 from .config import PRIMARY
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import unwrap
+from .peft_glue import unwrap
 from .checkpoint import (
     CONFIG_FILE,
     TRAINER_STATE,
@@ -29,7 +29,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import BiLoRAConfig
-from .methods import BiLoRAOptimizer, build_optimizer
+from .optim import BiLoRAOptimizer, build_optimizer
 from .options import OptionError, TrainOptions, to_yaml
 from .state import STATE_FILE, save_bilora_state
 

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bilora_diffusion.adapters import unwrap  # noqa: E402
 from bilora_diffusion.options import parse_options  # noqa: E402
+from bilora_diffusion.peft_glue import unwrap  # noqa: E402
 from bilora_diffusion.sdxl.options import SDXLOptions  # noqa: E402
 from bilora_diffusion.sdxl.train import SDXLTrainer  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bilora_diffusion.adapters import attach_bilora, lora_pair
+from bilora_diffusion import attach_bilora
 from bilora_diffusion.config import PRIMARY, BiLoRAConfig
 from bilora_diffusion.landscape import (
     adapted_layers,
@@ -20,6 +20,7 @@ from bilora_diffusion.landscape import (
     random_direction,
     sharpness,
 )
+from bilora_diffusion.peft_glue import lora_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,7 +156,7 @@ def test_step_cost_runs_the_variants_it_names(tmp_path):
     step_cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_cost)
     stem = tmp_path / "sc"
-    argv = "--variants lora bilora bilora-unfused lora-fusedfwd --steps 1 --warmup 0".split()
+    argv = "--variants lora bilora bilora-unfused lora-peft --steps 1 --warmup 0".split()
     threads = torch.get_num_threads()  # the benchmark sets 1; later tests' bitwise checks need the default
     try:
         result = step_cost.main([*argv, "--no_memory", "--resolution", "64", "--out", str(stem)])
@@ -165,7 +166,7 @@ def test_step_cost_runs_the_variants_it_names(tmp_path):
     assert json.loads((tmp_path / "sc.json").read_text())["variants"].keys() == variants.keys()
     assert (tmp_path / "sc.png").stat().st_size > 0
     assert variants["lora"]["time_ratio_paired"] == 1.0
-    assert variants["lora"]["fused_layers"] == 0 and variants["bilora-unfused"]["fused_layers"] == 0
-    assert variants["bilora"]["fused_layers"] == variants["lora-fusedfwd"]["fused_layers"] == 560
+    assert variants["lora-peft"]["fused_layers"] == 0 and variants["bilora-unfused"]["fused_layers"] == 0
+    assert variants["bilora"]["fused_layers"] == variants["lora"]["fused_layers"] == 560
     assert variants["bilora"]["trainable_params"] == 2 * variants["lora"]["trainable_params"]
     assert result["per_tensor_update"] is False

@@ -19,7 +19,7 @@ from bilora_diffusion import (
     build_optimizer,
     primary_state_dict,
 )
-from bilora_diffusion.adapters import lora_pair
+from bilora_diffusion.peft_glue import lora_pair
 
 
 def randomize(model: nn.Module, scale: float = 0.3, seed: int = 1) -> None:
@@ -88,13 +88,10 @@ def test_forward_clip_projection(tiny_sdxl):
 def test_attach_freezes_base_and_starts_b2_at_zero(tiny_sdxl):
     unfused = attach_bilora(copy.deepcopy(tiny_sdxl["unet"]), BiLoRAConfig(fused=False))
     unet = attach_bilora(tiny_sdxl["unet"], BiLoRAConfig())
-    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    # Fused Linear layers train their packed [A1; A2] and [B1, B2]; PEFT's tensors are views of them.
-    assert trainable and all(n.endswith((".packed_A", ".packed_B")) for n in trainable)
     adapters = {n for n in unet.state_dict() if ".lora_" in n}
     assert any(f".{AUX}." in n for n in adapters) and any(f".{PRIMARY}." in n for n in adapters)
-    trainable = {n for n, p in unfused.named_parameters() if p.requires_grad}
-    assert trainable == adapters
+    for model in (unet, unfused):  # fused or not, PEFT's tensors are the trained ones
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == adapters
     for layer in bilora_layers(unet):
         assert set(layer.active_adapters) == {PRIMARY, AUX}
         assert torch.count_nonzero(layer.lora_B[AUX].weight) == 0
@@ -231,7 +228,7 @@ def test_global_clip_scales_every_aux_tensor_by_one_factor():
     assert aux_norm(clipped) == pytest.approx(0.05, rel=1e-5)
     assert opt.last_aux_norm == pytest.approx(0.05, rel=1e-5)
     factor = (0.05 / c) ** 0.5
-    ref = unclipped.state_dict()  # PEFT's tensors (of packed layers too: `bilora_diffusion.packed`)
+    ref = unclipped.state_dict()
     for name, p in clipped.state_dict().items():
         if f".{AUX}." in name:
             torch.testing.assert_close(p, ref[name] * factor, rtol=1e-5, atol=1e-7)
@@ -373,8 +370,7 @@ def test_aux_disabled_equals_primary_only_model():
     with aux_disabled(model):
         torch.testing.assert_close(model(x), primary_only(x))
     assert not torch.allclose(model(x), primary_only(x))  # restored afterwards
-    assert not any(p.requires_grad for n, p in model.named_parameters() if AUX in n)  # views of packed ones
-    assert all(p.requires_grad for n, p in model.named_parameters() if n.endswith(("packed_A", "packed_B")))
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)  # trainable again
 
 
 def test_primary_state_dict_has_no_auxiliary_key():

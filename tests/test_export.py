@@ -21,7 +21,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bilora_diffusion import AUX, PRIMARY, BiLoRAConfig, attach_bilora, bilora_layers
-from bilora_diffusion.adapters import lora_pair
 from bilora_diffusion.export import (
     DIFFUSERS_FILE,
     ExportError,
@@ -29,6 +28,7 @@ from bilora_diffusion.export import (
     export_lora,
     main,
 )
+from bilora_diffusion.peft_glue import lora_pair
 from bilora_diffusion.sdxl.kohya import KeyMapError, unet_sgm_path
 from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
 from bilora_diffusion.state import STATE_FILE, save_bilora_state

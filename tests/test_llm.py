@@ -235,7 +235,7 @@ def test_exported_adapter_is_the_primary_branch_and_loads_with_peft(llm_dir, bil
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from bilora_diffusion.adapters import attach_bilora, aux_disabled
+    from bilora_diffusion import attach_bilora, aux_disabled
     from bilora_diffusion.state import load_bilora_state, read_bilora_state
 
     out, _ = bilora_run

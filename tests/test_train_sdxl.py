@@ -71,7 +71,7 @@ def test_every_method_trains_and_writes_the_outputs(tiny_sdxl_dir, image_folder,
 
 @pytest.mark.slow
 def test_bilora_aux_branch_stays_inside_rho(tiny_sdxl_dir, image_folder, tmp_path):
-    from bilora_diffusion.adapters import LoraPair, pair_sq_norms
+    from bilora_diffusion.peft_glue import LoraPair, pair_sq_norms
 
     out = tmp_path / "out"
     train(options(tiny_sdxl_dir, image_folder, out, rho=1e-3, learning_rate=0.05))
@@ -331,7 +331,7 @@ def test_two_processes_equal_one_process_with_the_combined_batch(tiny_sdxl_dir, 
 def test_validation_loss_is_fixed_and_taken_without_the_auxiliary_branch(
     tiny_sdxl_dir, image_folder, tmp_path
 ):
-    from bilora_diffusion.adapters import aux_disabled
+    from bilora_diffusion.peft_glue import aux_disabled
 
     opts = options(tiny_sdxl_dir, image_folder, tmp_path / "out", validation_split=0.25, learning_rate=0.05)
     trainer = SDXLTrainer(opts)

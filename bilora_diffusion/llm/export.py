@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..adapters import lora_config, primary_state_dict
+from ..peft_glue import lora_config, primary_state_dict
 from ..config import AUX, PRIMARY, BiLoRAConfig
 from ..state import atomic_save_file
 

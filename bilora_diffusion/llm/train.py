@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ..adapters import attach_bilora, aux_disabled, unwrap
+from ..adapters import attach_bilora
+from ..peft_glue import aux_disabled, unwrap
 from ..options import OptionError
 from ..training import (
     RunResult,
@@ -23,9 +24,11 @@ from ..training import (
     steps_per_epoch,
     weight_dtype,
 )
+from .accuracy import before_after
 from .data import DataReport, Example, LMBatch, collate, pack, pad_id, read_rows, tokenize_rows
 from .export import MERGED_DIR, save_merged, save_peft_adapter
 from .options import LLMOptions
+from .sources import check_data, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +66,20 @@ class LLMTrainer(Trainer):
         self.setup_training()
 
     def setup_data(self) -> None:
-        """Rows to examples for training (and held-out evaluation), before any model weight loads."""
+        """Rows to examples for training (and held-out evaluation), before any model weight loads. The data
+        is read first, then the model and tokenizer are found (one-line errors, no Hub retries), then the
+        tokenizer loads."""
         o = self.opt
+        check_data(o.dataset, "--dataset")
+        if o.eval_dataset:
+            check_data(o.eval_dataset, "--eval_dataset")
+        rows = read_rows(o.dataset, o.dataset_config_name, o.dataset_split, o.max_train_samples)
+        self.eval_rows = []
+        if o.eval_dataset:
+            self.eval_rows = read_rows(o.eval_dataset, o.dataset_config_name, o.eval_split, o.max_eval_samples)
+        check_model(o.model, "--model", o.revision)
+        if o.tokenizer:
+            check_model(o.tokenizer, "--tokenizer")
         # --revision is the model's: a separate --tokenizer is loaded at its default revision.
         self.tokenizer = load_tokenizer(
             o.tokenizer or o.model,
@@ -73,23 +88,16 @@ class LLMTrainer(Trainer):
             "--tokenizer" if o.tokenizer else "--model",
         )
         self.pad_id = pad_id(self.tokenizer)
-        self.examples, self.report = self.load_examples(
-            o.dataset, o.dataset_split, o.max_train_samples, "train"
-        )
+        self.examples, self.report = self.tokenize(rows, "train")
         self.eval_examples: list[Example] = []
         if o.eval_dataset:
-            self.eval_examples, self.eval_report = self.load_examples(
-                o.eval_dataset, o.eval_split, o.max_eval_samples, "eval"
-            )
+            self.eval_examples, self.eval_report = self.tokenize(self.eval_rows, "eval")
         self.samples = pack(self.examples, o.max_length) if o.packing else self.examples
         if o.packing and self.accelerator.is_main_process:
             logger.info("packed %d examples into %d sequences", len(self.examples), len(self.samples))
 
-    def load_examples(
-        self, source: str, split: str, limit: int | None, name: str
-    ) -> tuple[list[Example], DataReport]:
+    def tokenize(self, rows: list[dict], name: str) -> tuple[list[Example], DataReport]:
         o = self.opt
-        rows = read_rows(source, o.dataset_config_name, split, limit)
         examples, report = tokenize_rows(rows, self.tokenizer, o.prompt_format(), o.max_length, name)
         if self.accelerator.is_main_process:
             log = logger.warning if report.truncated or report.dropped or report.bad_rows else logger.info
@@ -209,6 +217,16 @@ class LLMTrainer(Trainer):
                 o.trust_remote_code,
             )
         logger.info("PEFT adapter written to %s", self.output_dir)
+        if o.eval_accuracy:
+            before_after(
+                model,
+                self.tokenizer,
+                self.eval_rows,
+                o.prompt_format(),
+                self.output_dir,
+                o.eval_max_new_tokens,
+                o.train_batch_size,
+            )
 
 
 def train(options: LLMOptions) -> RunResult:

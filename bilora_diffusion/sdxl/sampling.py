@@ -10,7 +10,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 
-from ..adapters import adapters_disabled, unwrap
+from ..peft_glue import adapters_disabled, unwrap
 
 
 def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:

@@ -1,0 +1,151 @@
+"""The flat update: each param group's adapter tensors stepped as ONE vector.
+
+An SDXL UNet has a few thousand tiny adapter tensors (twice as many under Bi-LoRA); per-tensor clipping, AdamW
+and the aux clip pay a fixed cost per tensor that dominates the update on a CPU. For torch's AdamW, Adam and
+SGD, whose updates are elementwise, stepping one vector equals stepping its pieces. Per step and group:
+
+    values in    one ``_foreach_copy_`` from PEFT's tensors into the vector (``FlatGroup.flat``)
+    gradients    one C++ concatenation (``flat.grad``, freed after the step)
+    update       the inner optimizer steps the vector; the aux clip reads and scales it in blocks
+    values out   one ``_foreach_copy_`` back into PEFT's tensors
+
+PEFT's tensors stay the model's only storage (nothing aliases the vector). The vector is kept between steps
+on a CPU (fresh pages every step were measured to double the update's time there) and freed after each step on
+CUDA, where the caching allocator makes it free to allocate again. An auxiliary group's vector is laid out in
+blocks of equally shaped pairs -- every A of a block, then every B -- so the clip reads each block as one
+``[n, r, in]`` and one ``[n, out, r]`` view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..config import ConfigError
+from ..peft_glue import LoraPair
+
+FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+"""Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
+
+
+class FlatGroup:
+    """One param group's tensors ``params`` as one vector ``flat`` (the inner optimizer's parameter).
+
+    With ``pairs``, the vector starts with their blocks (`block_views`); ``order[i]`` is the index in the
+    group's own parameter list of the vector's i-th tensor; ``layout`` fingerprints the order and shapes (saved
+    with the optimizer state, so state saved for other adapters is refused)."""
+
+    def __init__(self, params: list[torch.Tensor], pairs: list[LoraPair] = (), tag: str = "") -> None:
+        index = {id(p): i for i, p in enumerate(params)}
+        self.by_shape: dict[tuple, list[LoraPair]] = {}
+        for pair in pairs:
+            if id(pair.A_param) in index and id(pair.B_param) in index:
+                self.by_shape.setdefault((pair.A.shape, pair.B.shape), []).append(pair)
+        ordered = [
+            t
+            for group in self.by_shape.values()
+            for t in [q.A_param for q in group] + [q.B_param for q in group]
+        ]
+        placed = {id(t) for t in ordered}
+        self.params = ordered + [p for p in params if id(p) not in placed]
+        self.order = [index[id(p)] for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.total = sum(self.numels)
+        shapes = repr([tuple(p.shape) for p in self.params]) + tag
+        self.layout = hashlib.sha1(shapes.encode()).hexdigest()[:16]
+        self.sq_scales = [
+            torch.tensor([q.scale**2 for q in group], dtype=torch.float64) for group in self.by_shape.values()
+        ]
+        self.flat = torch.empty(0)
+        self.views: list[torch.Tensor] = []
+        self.has_grad: list[bool] = []
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def load(self, state: dict) -> bool:
+        """Values and gradients into the vector (zeros where a tensor has no gradient); moves ``state`` (the
+        inner optimizer's for this vector) along when the model was moved or cast since. Returns whether any
+        tensor has a gradient."""
+        kinds = {(p.device, p.dtype) for p in self.params}
+        if len(kinds) != 1:
+            raise ConfigError(
+                "the flat update needs one device and dtype per param group, but the adapters were moved or cast "
+                "to several after the optimizer was built: build it after moving the model, or with flat=False"
+            )
+        ((device, dtype),) = kinds
+        if self.views and (self.flat.device, self.flat.dtype) == (device, dtype):
+            torch._foreach_copy_(self.views, [p.detach() for p in self.params])
+        else:
+            self.flat.data = _flatten_dense_tensors([p.detach() for p in self.params])
+            self.views = _unflatten_dense_tensors(self.flat.data, self.params)
+            for key, value in state.items():  # a model moved or cast after building: its state follows
+                if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.total:
+                    state[key] = value.to(device=device, dtype=dtype)
+        grads = [p.grad for p in self.params]
+        self.has_grad = [g is not None for g in grads]
+        if not any(self.has_grad):
+            self.flat.grad = None
+            return False
+        self.flat.grad = _flatten_dense_tensors(
+            [torch.zeros_like(p) if g is None else g.to(dtype) for p, g in zip(self.params, grads)]
+        )
+        return True
+
+    def restore_missing(self, saved: list[tuple[torch.Tensor, slice, torch.Tensor]]) -> None:
+        """After the inner step: the tensors without a gradient, and their optimizer state (``saved``, from
+        `save_missing`), back as they were -- the per-tensor update leaves them alone (the aux clip, which
+        follows, scales them like every other pair)."""
+        for i, has in enumerate(self.has_grad):
+            if not has:
+                self.views[i].copy_(self.params[i].detach())
+        for value, part, old in saved:
+            value[part].copy_(old)
+
+    def store(self) -> None:
+        """Values out to PEFT's tensors; the gradient vector freed, and on CUDA the vector too."""
+        torch._foreach_copy_([p.detach() for p in self.params], self.views)
+        self.flat.grad = None
+        if self.flat.device.type == "cuda":
+            self.flat.data, self.views = self.flat.data.new_empty(0), []
+
+    def save_missing(self, state: dict) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
+        """The optimizer-state slices (moments, momentum) of the tensors without a gradient, to be put back by
+        `restore_missing`."""
+        missing = [i for i, has in enumerate(self.has_grad) if not has]
+        if not missing:
+            return []
+        starts = [0]
+        for n in self.numels:
+            starts.append(starts[-1] + n)
+        saved = []
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.total:
+                for i in missing:
+                    part = slice(starts[i], starts[i + 1])
+                    saved.append((value, part, value[part].clone()))
+        return saved
+
+    def block_views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per block of n equally shaped pairs: their A's [n, r, in] and B's [n, out, r] as views of the vector,
+        and their s² [n]."""
+        out, offset = [], 0
+        for ((a_shape, b_shape), group), sq in zip(self.by_shape.items(), self.sq_scales):
+            n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
+            a = self.flat.data[offset : offset + n * a_size].view(n, *a_shape)
+            b = self.flat.data[offset + n * a_size : offset + n * (a_size + b_size)].view(n, *b_shape)
+            out.append((a, b, sq.to(self.flat.device)))
+            offset += n * (a_size + b_size)
+        return out
+
+
+def flat_ok(optimizer_cls: type, param_groups: list[dict]) -> bool:
+    """The flat update needs an elementwise torch optimizer and one device and dtype per group."""
+    if optimizer_cls not in FLAT_OPTIMIZERS:
+        return False
+    for group in param_groups:
+        params = list(group["params"])
+        kinds = {(p.device, p.dtype) for p in params}
+        if len(kinds) != 1 or not all(p.is_floating_point() for p in params):
+            return False
+    return True

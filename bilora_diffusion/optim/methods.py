@@ -1,0 +1,130 @@
+"""The training methods as small strategies: what each does around the optimizer's update.
+
+Every method's step is "forward/backward pass(es), then the update" (`BiLoRAOptimizer.step`). A method decides
+the passes and which branches exist and in which direction they move; the update (`optim.update`) is shared:
+
+- ``lora``: one pass, the primary branch descends.
+- ``bilora``: one pass, the primary descends and the auxiliary ascends, then the aux clip (the paper).
+- ``dual-descent``: ablation: both branches descend, same clip.
+- ``lora-sam``: SAM on the LoRA tensors: pass, move to w + rho·g/||g||, pass again on the same batch, restore w
+  bitwise; the update uses the second pass's gradients (2 passes).
+- ``flat-lora``: random perturbation of the merged weight in full weight space, per-row sigma ramped over
+  training, one pass, W0 restored bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import METHODS, PRIMARY
+from ..peft_glue import bilora_layers
+
+if TYPE_CHECKING:
+    from .optimizer import BiLoRAOptimizer
+
+Closure = Callable[[], torch.Tensor]
+
+
+class Method:
+    """Plain LoRA: one pass (the closure, or gradients the caller computed), the primary branch descends."""
+
+    name = "lora"
+    aux = False
+    """Whether the method trains an auxiliary branch."""
+    ascends = False
+    """Whether the auxiliary branch steps along +gradient."""
+    needs_closure = False
+    """Whether ``step()`` needs the closure (the method runs the passes itself)."""
+
+    def passes(self, opt: BiLoRAOptimizer, closure: Closure | None) -> torch.Tensor | None:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+class BiLoRA(Method):
+    name, aux, ascends = "bilora", True, True
+
+
+class DualDescent(Method):
+    name, aux = "dual-descent", True
+
+
+class LoRASAM(Method):
+    """SAM on the LoRA parameters (global gradient norm over all of them)."""
+
+    name, needs_closure = "lora-sam", True
+
+    def passes(self, opt: BiLoRAOptimizer, closure: Closure) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = closure()
+        params = [p for p in opt.role_params("primary") if p.grad is not None]
+        if not params:
+            return loss
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        scale = opt.config.rho / (norm + 1e-12)
+        saved = [p.detach().clone() for p in params]
+        for p in params:
+            p.add_(p.grad * scale.to(p.grad.dtype))
+        opt.zero_grad(set_to_none=True)
+        try:
+            with torch.enable_grad():
+                closure()
+        finally:
+            for p, w in zip(params, saved):
+                p.copy_(w)
+        return loss
+
+
+class FlatLoRA(Method):
+    """For each adapted layer and output row i, eps_ij ~ N(0, sigma_i²) added to W0 with
+    sigma_i = f_t·rho/sqrt(n_in)·||W'_i||, W' = W0 + s1·B1·A1, f_t = (1 - cos(pi·t/T))/2; the pass; W0 put back
+    bitwise (from a copy: adding and subtracting in bf16 would drift). Noise seeded by (seed, step): the same on
+    every rank and after a resume."""
+
+    name, needs_closure = "flat-lora", True
+
+    def __init__(self) -> None:
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        gen = self.generators.get(device)
+        if gen is None:
+            gen = self.generators[device] = torch.Generator(device=device)
+        return gen.manual_seed(seed)
+
+    def passes(self, opt: BiLoRAOptimizer, closure: Closure) -> torch.Tensor:
+        t, total = opt.step_count, opt.total_steps
+        f_t = 0.5 * (1.0 - math.cos(math.pi * min(t, total) / total))
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if f_t > 0 and opt.config.rho > 0:
+            for layer in bilora_layers(opt.models):
+                weight = layer.get_base_layer().weight
+                merged = weight.detach().float() + layer.get_delta_weight(PRIMARY).float()
+                rows = merged.reshape(merged.shape[0], -1)
+                sigma = f_t * opt.config.rho / math.sqrt(rows.shape[1]) * rows.norm(dim=1, keepdim=True)
+                gen = self._generator(weight.device, opt.seed * 1_000_003 + t)
+                noise = torch.randn(rows.shape, generator=gen, device=weight.device)
+                saved.append((weight, weight.detach().clone()))
+                weight.add_((noise * sigma).reshape(weight.shape).to(weight.dtype))
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            for weight, original in saved:
+                weight.copy_(original)
+        return loss
+
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Method, BiLoRA, DualDescent, LoRASAM, FlatLoRA)}
+"""Method name -> strategy class (the names of `config.METHODS`)."""
+assert tuple(REGISTRY) == METHODS, "config.METHODS and the registry must name the same methods"
+
+
+def make_method(name: str) -> Method:
+    return REGISTRY[name]()
