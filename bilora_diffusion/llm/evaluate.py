@@ -2,9 +2,10 @@
 
     python -m bilora_diffusion.llm.evaluate --adapter OUTPUT_DIR --data gsm8k_test.jsonl [--model BASE]
 
-The reference is the number after "####" in the answer column (GSM8K's format), or the whole answer when it
-is a bare number; the prediction's answer is the number after the first answer marker in the generated
-text ("####" or MetaMath's "The answer is"). Numbers compare by value: "1,234", "$1234.00" and "1234."
+The reference is the number after a reference marker in the answer column ("####", GSM8K's format, or
+MetaMath's "The answer is"; --reference_markers), or the whole answer when it is a bare number; the
+prediction's answer is the number after the first answer marker in the generated text (the same two by
+default; --markers). The two lists are separate: changing what a model writes does not change the data. Numbers compare by value: "1,234", "$1234.00" and "1234."
 are equal. Prompts are rendered as in training: unless given, the template comes from the
 ``training_config.yaml`` next to the adapter and the base model from its ``adapter_config.json``.
 """
@@ -27,10 +28,12 @@ from ..options import OptionError, opt, run_cli
 from .data import prompt_ids, read_rows, reference_text
 from .export import ADAPTER_CONFIG
 from .options import FormatOptions
+from .sources import check_data, check_model
 
 logger = logging.getLogger(__name__)
 
 MARKERS = ["####", "The answer is"]
+"""Default answer markers of predictions and of references (GSM8K's "####", MetaMath's "The answer is")."""
 _NUMBER = re.compile(r"[-+−]?\s*\$?\s*[-+−]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,15 +94,27 @@ class Score:
         }
 
 
-def score(predictions: list[str], references: list[str], markers: list[str] | None = None) -> Score:
-    """Exact match of the extracted numbers (by value); a prediction without an answer counts as wrong."""
+def score(
+    predictions: list[str],
+    references: list[str],
+    markers: list[str] | None = None,
+    reference_markers: list[str] | None = None,
+) -> Score:
+    """Exact match of the extracted numbers (by value); a prediction without an answer counts as wrong.
+    ``markers`` find the answer in predictions, ``reference_markers`` in references (both default to
+    MARKERS)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    reference_markers = MARKERS if reference_markers is None else reference_markers
     result = Score()
     for prediction, reference in zip(predictions, references):
-        expected = reference_answer(reference, markers)
+        expected = reference_answer(reference, reference_markers)
         if expected is None:
-            raise DataError(f"no reference number in {reference[-80:]!r} (expected '#### <number>')")
+            wanted = " or ".join(repr(f"{m} <number>") for m in reference_markers)
+            raise DataError(
+                f"no reference number in {reference[-80:]!r} (expected {wanted}, or a bare number; "
+                "--reference_markers)"
+            )
         got = extract_answer(prediction, markers)
         ok = got is not None and got == expected
         result.total += 1
@@ -139,7 +154,13 @@ class EvalOptions(FormatOptions):
     )
     use_chat_template: bool | None = opt(None, "Use the chat template; None = as in training.")
     markers: list[str] = opt(
-        list(MARKERS), "Answer markers: the number after the first one found is the answer."
+        list(MARKERS),
+        "Answer markers of the predictions: the number after the first one found in the generated text.",
+    )
+    reference_markers: list[str] = opt(
+        list(MARKERS),
+        "Answer markers of the references (the response_field): the number after the first one found; "
+        "a bare number needs none.",
     )
     max_new_tokens: int = opt(512, "Most tokens generated per question.")
     batch_size: int = opt(8, "Questions generated together (left-padded).")
@@ -163,6 +184,8 @@ class EvalOptions(FormatOptions):
             raise OptionError(f"--max_samples must be >= 1, got {self.max_samples}")
         if not self.markers:
             raise OptionError("--markers needs at least one marker")
+        if not self.reference_markers:
+            raise OptionError("--reference_markers needs at least one marker")
 
 
 def resolve(options: EvalOptions) -> EvalOptions:
@@ -246,12 +269,16 @@ def evaluate(options: EvalOptions) -> dict:
     """Generate an answer for every row and score them; prints (and returns) the summary as JSON."""
     options = resolve(options)
     fmt = options.prompt_format()
+    check_data(options.data, "--data")
     rows = read_rows(options.data, options.data_config_name, options.split, options.max_samples)
     references = [reference_text(row, fmt) for row in rows]
+    check_model(options.model, "--model", options.revision)
+    if options.tokenizer:
+        check_model(options.tokenizer, "--tokenizer")
     model, tokenizer = load_model(options)
     prompts = [prompt_ids(row, fmt, tokenizer) for row in rows]
     predictions = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
-    result = score(predictions, references, options.markers)
+    result = score(predictions, references, options.markers, options.reference_markers)
     summary = {**result.summary(), "model": options.model, "adapter": options.adapter, "data": options.data}
     if options.output:
         out = Path(options.output)

@@ -99,16 +99,26 @@ class LLMOptions(TrainOptions, FormatOptions):
     rank: int = opt(8, "Rank of the primary LoRA (the one exported). Paper: 8 for LLMs.")
     lora_alpha: float | None = opt(16.0, "LoRA alpha of the primary branch (scale = alpha/rank).")
     merge: bool = opt(False, "Also write the merged full model (base + primary LoRA) to output_dir/merged.")
+    eval_accuracy: bool = opt(
+        False,
+        "At the end, answer every eval_dataset question greedily without and with the LoRA and log both "
+        "exact-match accuracies (the evaluator's scoring; output_dir/accuracy.json).",
+    )
+    eval_max_new_tokens: int = opt(64, "Most tokens generated per question for eval_accuracy.")
 
     def validate(self) -> None:
         super().validate()
         self.validate_format()
-        if not self.model:
-            raise OptionError("no model: pass --model (a Hub id or a local folder)")
         if not self.dataset:
             raise OptionError(
                 "no data: pass --dataset (a .jsonl/.json/.csv file, a folder or a Hub dataset id)"
             )
+        if not self.model:
+            raise OptionError("no model: pass --model (a Hub id or a local folder)")
+        if self.eval_accuracy and not self.eval_dataset:
+            raise OptionError("--eval_accuracy needs --eval_dataset (the held-out questions)")
+        if self.eval_max_new_tokens < 1:
+            raise OptionError(f"--eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
         if self.max_length < 2:
             raise OptionError(f"--max_length must be >= 2, got {self.max_length}")
         for name in ("max_train_samples", "max_eval_samples"):

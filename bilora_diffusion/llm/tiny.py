@@ -57,9 +57,12 @@ def tiny_tokenizer(extra_words: list[str] | tuple[str, ...] = ()):
     return tokenizer
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+def tiny_llama(
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, initializer_range: float = 0.2
+):
     """A random LlamaForCausalLM (float32, CPU): hidden 32, 2 layers, grouped-query attention (4 / 2 heads),
-    so every projection the default targets name (q/k/v/o/gate/up/down) exists with distinct shapes."""
+    so every projection the default targets name (q/k/v/o/gate/up/down) exists with distinct shapes.
+    ``initializer_range`` 0.2 suits the tests (see below); a model meant to be pretrained takes Llama's 0.02."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -76,7 +79,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
         tie_word_embeddings=False,
         # Larger than Llama's 0.02: at width 32 that would give near-uniform logits that a LoRA barely moves;
         # at 0.2 a LoRA memorises a few rows in tens of steps, which the tests need.
-        initializer_range=0.2,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

@@ -76,7 +76,9 @@ class LLMTrainer(Trainer):
         rows = read_rows(o.dataset, o.dataset_config_name, o.dataset_split, o.max_train_samples)
         self.eval_rows = []
         if o.eval_dataset:
-            self.eval_rows = read_rows(o.eval_dataset, o.dataset_config_name, o.eval_split, o.max_eval_samples)
+            self.eval_rows = read_rows(
+                o.eval_dataset, o.dataset_config_name, o.eval_split, o.max_eval_samples
+            )
         check_model(o.model, "--model", o.revision)
         if o.tokenizer:
             check_model(o.tokenizer, "--tokenizer")
