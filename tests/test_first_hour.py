@@ -343,3 +343,23 @@ def test_readme_checkpoint_example_is_what_the_demo_leaves():
     named = set(re.findall(rf"{re.escape(demo['output_dir'])}/checkpoint-(\d+)", readme))
     assert named and named <= {str(s) for s in left}, (named, left)
     assert "output/my_run/checkpoint-300" not in readme
+
+
+@pytest.mark.slow
+def test_one_line_error_under_accelerate_launch(tmp_path):
+    """What the README says about launchers: under `accelerate launch` our one line is printed as it is, then
+    accelerate ends with status 1 for any failed child (its convention) after a CalledProcessError traceback;
+    `accelerate launch -q` leaves just our line, last; `python train_sdxl.py` exits 2 (tested above)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    data = str(ROOT / "bilora_diffusion" / "toy" / "demo_data")
+    script = str(ROOT / "train_sdxl.py")
+    proc = run([*launch, script, "--dataset", data, "--rnak", "4"])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = "error: unknown option 'rnak' on the command line (did you mean 'rank'?)"
+    assert line in proc.stderr.splitlines() and "returned non-zero exit status 2" in proc.stderr
+    missing = tmp_path / "no-such-model"
+    proc = run([*launch[:4], "-q", *launch[4:], script, "--dataset", data, "--resolution", "32",
+                "--pretrained_model_name_or_path", str(missing), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"error: --pretrained_model_name_or_path {missing}: no such folder", proc.stderr[-2000:]
