@@ -61,50 +61,56 @@ class FlatGroup:
         self.flat = torch.empty(0)
         self.views: list[torch.Tensor] = []
         self.has_grad: list[bool] = []
+        self.missing: list[int] = []
 
     # -- one step ------------------------------------------------------------------------------------------
     def load(self, state: dict) -> bool:
         """Values and gradients into the vector (zeros where a tensor has no gradient); moves ``state`` (the
         inner optimizer's for this vector) along when the model was moved or cast since. Returns whether any
-        tensor has a gradient."""
-        kinds = {(p.device, p.dtype) for p in self.params}
-        if len(kinds) != 1:
-            raise ConfigError(
-                "the flat update needs one device and dtype per param group, but the adapters were moved or cast "
-                "to several after the optimizer was built: build it after moving the model, or with flat=False"
-            )
-        ((device, dtype),) = kinds
-        if self.views and (self.flat.device, self.flat.dtype) == (device, dtype):
-            torch._foreach_copy_(self.views, [p.detach() for p in self.params])
+        tensor has a gradient. (Runs under no_grad, inside the optimizer's step.)"""
+        params, first = self.params, self.params[0]
+        device, dtype = first.device, first.dtype
+        if self.views and self.flat.device == device and self.flat.dtype == dtype:
+            torch._foreach_copy_(self.views, params)
         else:
-            self.flat.data = _flatten_dense_tensors([p.detach() for p in self.params])
-            self.views = _unflatten_dense_tensors(self.flat.data, self.params)
+            if len({(p.device, p.dtype) for p in params}) != 1:
+                raise ConfigError(
+                    "the flat update needs one device and dtype per param group, but the adapters were moved or "
+                    "cast to several after the optimizer was built: build it after moving the model, or with "
+                    "flat=False"
+                )
+            self.flat.data = _flatten_dense_tensors([p.detach() for p in params])
+            self.views = _unflatten_dense_tensors(self.flat.data, params)
             for key, value in state.items():  # a model moved or cast after building: its state follows
                 if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.total:
                     state[key] = value.to(device=device, dtype=dtype)
-        grads = [p.grad for p in self.params]
+        grads = [p.grad for p in params]
         self.has_grad = [g is not None for g in grads]
-        if not any(self.has_grad):
-            self.flat.grad = None
-            return False
-        self.flat.grad = _flatten_dense_tensors(
-            [torch.zeros_like(p) if g is None else g.to(dtype) for p, g in zip(self.params, grads)]
-        )
+        if all(self.has_grad):
+            self.missing = []
+        else:
+            self.missing = [i for i, has in enumerate(self.has_grad) if not has]
+            if len(self.missing) == len(params):
+                self.flat.grad = None
+                return False
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if any(g.dtype != dtype for g in grads):
+            grads = [g.to(dtype) for g in grads]
+        self.flat.grad = _flatten_dense_tensors(grads)  # one C++ concatenation
         return True
 
     def restore_missing(self, saved: list[tuple[torch.Tensor, slice, torch.Tensor]]) -> None:
         """After the inner step: the tensors without a gradient, and their optimizer state (``saved``, from
         `save_missing`), back as they were -- the per-tensor update leaves them alone (the aux clip, which
         follows, scales them like every other pair)."""
-        for i, has in enumerate(self.has_grad):
-            if not has:
-                self.views[i].copy_(self.params[i].detach())
+        for i in self.missing:
+            self.views[i].copy_(self.params[i])
         for value, part, old in saved:
             value[part].copy_(old)
 
     def store(self) -> None:
         """Values out to PEFT's tensors; the gradient vector freed, and on CUDA the vector too."""
-        torch._foreach_copy_([p.detach() for p in self.params], self.views)
+        torch._foreach_copy_(self.params, self.views)
         self.flat.grad = None
         if self.flat.device.type == "cuda":
             self.flat.data, self.views = self.flat.data.new_empty(0), []
@@ -112,7 +118,7 @@ class FlatGroup:
     def save_missing(self, state: dict) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
         """The optimizer-state slices (moments, momentum) of the tensors without a gradient, to be put back by
         `restore_missing`."""
-        missing = [i for i, has in enumerate(self.has_grad) if not has]
+        missing = self.missing
         if not missing:
             return []
         starts = [0]
@@ -130,11 +136,13 @@ class FlatGroup:
         """Per block of n equally shaped pairs: their A's [n, r, in] and B's [n, out, r] as views of the vector,
         and their s² [n]."""
         out, offset = [], 0
+        if self.sq_scales and self.sq_scales[0].device != self.flat.device:
+            self.sq_scales = [sq.to(self.flat.device) for sq in self.sq_scales]
         for ((a_shape, b_shape), group), sq in zip(self.by_shape.items(), self.sq_scales):
             n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
             a = self.flat.data[offset : offset + n * a_size].view(n, *a_shape)
             b = self.flat.data[offset + n * a_size : offset + n * (a_size + b_size)].view(n, *b_shape)
-            out.append((a, b, sq.to(self.flat.device)))
+            out.append((a, b, sq))
             offset += n * (a_size + b_size)
         return out
 
