@@ -28,7 +28,7 @@ from ..options import OptionError, opt, run_cli
 from .data import prompt_ids, read_rows, reference_text
 from .export import ADAPTER_CONFIG
 from .options import FormatOptions
-from .sources import check_data, check_model
+from .sources import check_data, check_model, check_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def evaluate(options: EvalOptions) -> dict:
     references = [reference_text(row, fmt) for row in rows]
     check_model(options.model, "--model", options.revision)
     if options.tokenizer:
-        check_model(options.tokenizer, "--tokenizer")
+        check_tokenizer(options.tokenizer, "--tokenizer")
     model, tokenizer = load_model(options)
     prompts = [prompt_ids(row, fmt, tokenizer) for row in rows]
     predictions = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..peft_glue import lora_config, primary_state_dict
 from ..config import AUX, PRIMARY, BiLoRAConfig
+from ..peft_glue import lora_config, primary_state_dict
 from ..state import atomic_save_file
 
 ADAPTER_CONFIG = "adapter_config.json"

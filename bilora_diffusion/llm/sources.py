@@ -1,12 +1,12 @@
 """Where the causal-LM tools' inputs come from — a local file or folder, the Hugging Face cache, or the Hub —
-checked before anything loads, so a missing one fails in one line (exit 2) instead of after a minute of Hub
-retries and a chained traceback.
+checked before anything loads, data first, so a missing one fails in one line (exit 2) instead of after a
+minute of Hub retries and a chained traceback.
 
-A name is a local path when it exists, or when it can only be one (it starts with ``.``, ``/`` or ``~``, has
-a data file's suffix or more than one ``/``): then "no such folder" (or file). Otherwise it is a Hub id: fine
-when the Hugging Face cache holds a snapshot of it; else the Hub is asked once, without retries, whether it
-exists and may be read (not cached and the Hub unreachable or offline / no such repo / a gated repo / no such
-revision).
+Base models go through the shared resolver (`bilora_diffusion.hub.resolve_base_model`, kind "causal-lm"):
+no such folder / not a model folder / not in the local cache and the Hub unreachable / no such repo or
+revision / a gated repo. Data: a name that exists is read as it is; one that can only be a path (``./``,
+``/``, ``~``, a data file's suffix, more than one ``/``) and does not exist is "no such file or folder"; a
+Hub dataset id must be in the local cache or the Hub reachable.
 """
 
 from __future__ import annotations
@@ -14,102 +14,52 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..hub import _hub_reachable, _looks_like_path, _offline, resolve_base_model
 from ..options import OptionError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-HUB_TIMEOUT = 10.0
-"""Seconds the one Hub query may take (no retries)."""
 
 
-def looks_like_path(name: str) -> bool:
-    return (
-        name.startswith((".", "/", "~"))
-        or os.path.isabs(name)
-        or "\\" in name
-        or name.count("/") > 1
-        or name.lower().endswith(DATA_SUFFIXES)
-    )
-
-
-def hub_offline() -> bool:
+def dataset_cached(name: str) -> bool:
+    """Whether the Hugging Face cache (or the datasets cache) holds a copy of the Hub dataset ``name``."""
     from huggingface_hub import constants
 
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_cached(name: str, repo_type: str = "model") -> bool:
-    """Whether the Hugging Face cache holds a snapshot of the repo (any revision)."""
-    from huggingface_hub import constants
-
-    snapshots = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}" / "snapshots"
-    return snapshots.is_dir() and any(snapshots.iterdir())
-
-
-def check_hub(name: str, flag: str, repo_type: str = "model", revision: str | None = None) -> None:
-    """A Hub id not in the cache must exist on a reachable Hub and be readable; else one-line OptionError."""
-    from huggingface_hub import auth_check, dataset_info, model_info
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import validate_repo_id
-
-    what = "model" if repo_type == "model" else "dataset"
-    local = "no such folder" if repo_type == "model" else "no such file or folder"
+    snapshots = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}" / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return True
     try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise OptionError(f"{flag} {name}: {local} (and not a Hub {what} id)") from None
-    if hub_cached(name, repo_type):
-        return
-    where = f"{flag} {name}: {local}, and not a {what} in the local Hugging Face cache"
-    if hub_offline():
-        raise OptionError(f"{where}; the Hub is offline (HF_HUB_OFFLINE is set)")
-    info = model_info if repo_type == "model" else dataset_info
-    try:
-        found = info(name, revision=revision, timeout=HUB_TIMEOUT)
-        if getattr(found, "gated", False):
-            auth_check(name, repo_type=repo_type)
-    except GatedRepoError:
-        raise OptionError(
-            f"{flag} {name}: a gated repo you have no access to: accept its conditions on "
-            f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{name} and log in "
-            "(hf auth login)"
-        ) from None
-    except RevisionNotFoundError:
-        raise OptionError(f"--revision {revision}: {name} on the Hub has no such revision") from None
-    except RepositoryNotFoundError:
-        raise OptionError(f"{where}, nor on the Hub (a private repo needs a login: hf auth login)") from None
-    except HfHubHTTPError as err:
-        raise OptionError(f"{where}; the Hub answered {str(err).splitlines()[0]}") from None
-    except Exception as err:  # no network, DNS, proxy, timeout: httpx/requests/OSError, whichever is used
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise OptionError(f"{where}, and the Hub is unreachable ({reason})") from None
+        from datasets import config
+
+        return (Path(config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
 
 
 def check_data(source: str, flag: str = "--dataset") -> None:
-    """A data source: an existing file or folder, or a Hub dataset id that can be loaded."""
+    """A data source: an existing file or folder, or a Hub dataset id that is cached or can be fetched."""
     if Path(source).expanduser().exists():
         return
-    if looks_like_path(source):
+    if _looks_like_path(source) or source.lower().endswith(DATA_SUFFIXES):
         raise OptionError(f"{flag} {source}: no such file or folder")
-    check_hub(source, flag, "dataset")
+    if dataset_cached(source):
+        return
+    local = "no such file or folder; as a Hub dataset it is " if "/" not in source else ""
+    unreachable = "HF_HUB_OFFLINE=1" if _offline() else _hub_reachable()
+    if unreachable:
+        raise OptionError(
+            f"{flag} {source}: {local}not in the local Hugging Face cache, and the Hub is unreachable "
+            f"({unreachable}); download it once online, or pass a local file"
+        )
 
 
 def check_model(name: str, flag: str = "--model", revision: str | None = None) -> None:
-    """A base model (or tokenizer): a folder transformers can load, or a Hub id that can be fetched."""
+    """A base model: a local model folder, or a Hub id that is cached or can be fetched (one line if not)."""
+    resolve_base_model(name, "causal-lm", revision=revision, flag=flag)
+
+
+def check_tokenizer(name: str, flag: str = "--tokenizer") -> None:
+    """A separate tokenizer given as a local path must exist (Hub ids are left to transformers)."""
     path = Path(name).expanduser()
-    if path.is_dir():
-        markers = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json")
-        if not any((path / marker).is_file() for marker in markers):
-            raise OptionError(f"{flag} {name}: the folder has no config.json (not a transformers model)")
-        return
-    if path.exists():
-        raise OptionError(f"{flag} {name}: a file; expected a model folder or a Hub id")
-    if looks_like_path(name):
-        raise OptionError(f"{flag} {name}: no such folder")
-    check_hub(name, flag, "model", revision)
+    if path.exists() or _looks_like_path(name) or os.sep in name:
+        if not path.is_dir():
+            raise OptionError(f"{flag} {name}: no such folder")

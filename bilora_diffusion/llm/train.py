@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 
 from ..adapters import attach_bilora
-from ..peft_glue import aux_disabled, unwrap
+from ..checkpoint import CONFIG_FILE
 from ..options import OptionError
+from ..peft_glue import aux_disabled, unwrap
+from ..state import STATE_FILE
 from ..training import (
     RunResult,
     Trainer,
@@ -24,11 +27,11 @@ from ..training import (
     steps_per_epoch,
     weight_dtype,
 )
-from .accuracy import before_after
+from .accuracy import ACCURACY_FILE, before_after
 from .data import DataReport, Example, LMBatch, collate, pack, pad_id, read_rows, tokenize_rows
 from .export import MERGED_DIR, save_merged, save_peft_adapter
 from .options import LLMOptions
-from .sources import check_data, check_model
+from .sources import check_data, check_model, check_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +65,41 @@ class LLMTrainer(Trainer):
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.setup_data()
+        self.log_run()
         self.setup_models()
         self.setup_training()
+
+    def log_run(self) -> None:
+        """One block at the start of every run: what trains on what, how, for how long, and where it goes."""
+        if not self.accelerator.is_main_process:
+            return
+        o = self.opt
+        config = o.bilora_config(o.target_modules)
+        per_epoch = steps_per_epoch(
+            math.ceil(len(self.samples) / o.train_batch_size), self.world, o.gradient_accumulation_steps
+        )
+        method = f"{o.method}: rank {config.rank}, alpha {config.alpha:g}"
+        if config.aux_rank:
+            method += f", aux rank {config.aux_rank}, aux alpha {config.aux_alpha:g}, rho {config.rho:g}"
+            method += f", clip {config.clip}, aux lr {o.aux_lr or o.learning_rate:g}"
+        elif o.method in ("lora-sam", "flat-lora"):
+            method += f", rho {o.rho:g}"
+        data = f"{o.dataset}: {len(self.examples)} examples"
+        if o.eval_dataset:
+            data += f"; held out {o.eval_dataset}: {len(self.eval_examples)}"
+            data += " (accuracy without and with the LoRA at the end)" if o.eval_accuracy else ""
+        lines = [
+            f"base model  {o.model}" + (f" (tokenizer {o.tokenizer})" if o.tokenizer else ""),
+            f"dataset     {data}; max length {o.max_length}" + (", packed" if o.packing else ""),
+            f"method      {method} ({', '.join(o.target_modules)})",
+            f"optimizer   lr {o.learning_rate:g} ({o.lr_scheduler}), batch {o.train_batch_size} x "
+            f"{o.gradient_accumulation_steps} accumulation x {self.world} process(es), "
+            f"mixed precision {self.accelerator.mixed_precision}",
+            f"steps       {o.max_train_steps or o.num_train_epochs * per_epoch} ({per_epoch} per epoch), "
+            f"checkpoint every {o.checkpointing_steps}",
+            f"output      {self.output_dir.resolve()}",
+        ]
+        logger.info("run:\n  %s", "\n  ".join(lines))
 
     def setup_data(self) -> None:
         """Rows to examples for training (and held-out evaluation), before any model weight loads. The data
@@ -81,7 +117,7 @@ class LLMTrainer(Trainer):
             )
         check_model(o.model, "--model", o.revision)
         if o.tokenizer:
-            check_model(o.tokenizer, "--tokenizer")
+            check_tokenizer(o.tokenizer, "--tokenizer")
         # --revision is the model's: a separate --tokenizer is loaded at its default revision.
         self.tokenizer = load_tokenizer(
             o.tokenizer or o.model,
@@ -218,7 +254,18 @@ class LLMTrainer(Trainer):
                 o.revision,
                 o.trust_remote_code,
             )
-        logger.info("PEFT adapter written to %s", self.output_dir)
+        written = [("PEFT adapter", self.output_dir / "adapter_model.safetensors")]
+        written += [
+            ("both branches", self.output_dir / STATE_FILE),
+            ("options", self.output_dir / CONFIG_FILE),
+        ]
+        if o.merge:
+            written.append(("merged model", self.output_dir / MERGED_DIR))
+        if o.eval_accuracy:
+            written.append(("accuracy", self.output_dir / ACCURACY_FILE))
+        logger.info(
+            "wrote:\n  %s", "\n  ".join(f"{what:<14}{Path(path).resolve()}" for what, path in written)
+        )
         if o.eval_accuracy:
             before_after(
                 model,
