@@ -172,7 +172,8 @@ def parse_options(cls: type, argv: list[str] | None = None) -> Any:
 def format_help(cls: type) -> str:
     """The ``--help`` text: the class's ``usage`` (a plain class attribute, not a field) when it has one,
     then every option with its default and help."""
-    usage = getattr(cls, "usage", None) or "usage: [--config FILE.yaml] [--name value ...]"
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "SCRIPT"
+    usage = getattr(cls, "usage", None) or f"usage: python {script} [--config FILE.yaml] [--name value ...]"
     lines = [usage, ""]
     lines.append(f"options ({cls.__name__}); also --config FILE.yaml with the same keys (flags override it):")
     for f in fields(cls):
