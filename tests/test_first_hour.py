@@ -363,3 +363,18 @@ def test_one_line_error_under_accelerate_launch(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"error: --pretrained_model_name_or_path {missing}: no such folder", proc.stderr[-2000:]
+
+
+def test_a_resolution_far_from_the_base_model_is_warned_about(tmp_path, caplog):
+    """The issue's silent case: a 32-px model trained at 1024 px runs at 33 s/step without a word."""
+    import logging
+
+    from bilora_diffusion.sdxl.train import SDXLTrainer
+
+    argv = ["--pretrained_model_name_or_path", TOY_MODEL, "--dataset", ".", "--output_dir", str(tmp_path),
+            "--report_to", "none"]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bilora_diffusion.sdxl.train"):
+        SDXLTrainer(parse_options(SDXLOptions, [*argv, "--resolution", "32"])).setup_models()
+        assert not caplog.records
+        SDXLTrainer(parse_options(SDXLOptions, [*argv, "--resolution", "1024"])).setup_models()
+    assert "--resolution 1024: the base model makes 32 px images" in caplog.text
