@@ -19,7 +19,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .peft_glue import adapter_state_dict, load_adapter_state_dict
 from .config import AUX, PRIMARY, BiLoRAConfig
 from .files import umask_file
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ..adapters import attach_bilora
-from ..peft_glue import aux_disabled, unwrap
 from ..checkpoint import CONFIG_FILE, check_free_space, list_checkpoints
 from ..data import DataError, assign_bucket, epoch_batches, load_records
 from ..hub import cast, resolve_base_model
