@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import AUX, PRIMARY, BiLoRAConfig
 from .files import umask_file
+from .peft_glue import adapter_state_dict, load_adapter_state_dict
 
 STATE_FILE = "bilora_adapters.safetensors"
 FORMAT = "bilora-state-v1"

@@ -20,6 +20,7 @@ from ..checkpoint import CONFIG_FILE, check_free_space, list_checkpoints
 from ..data import DataError, assign_bucket, epoch_batches, load_records
 from ..hub import cast, resolve_base_model
 from ..options import OptionError
+from ..peft_glue import aux_disabled, unwrap
 from ..state import STATE_FILE
 from ..training import (
     RunResult,
