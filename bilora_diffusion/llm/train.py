@@ -27,7 +27,7 @@ from ..training import (
     steps_per_epoch,
     weight_dtype,
 )
-from .accuracy import ACCURACY_FILE, before_after
+from .accuracy import ACCURACY_FILE, PREDICTIONS_FILE, before_after
 from .data import DataReport, Example, LMBatch, collate, pack, pad_id, read_rows, tokenize_rows
 from .export import MERGED_DIR, save_merged, save_peft_adapter
 from .options import LLMOptions
@@ -254,18 +254,6 @@ class LLMTrainer(Trainer):
                 o.revision,
                 o.trust_remote_code,
             )
-        written = [("PEFT adapter", self.output_dir / "adapter_model.safetensors")]
-        written += [
-            ("both branches", self.output_dir / STATE_FILE),
-            ("options", self.output_dir / CONFIG_FILE),
-        ]
-        if o.merge:
-            written.append(("merged model", self.output_dir / MERGED_DIR))
-        if o.eval_accuracy:
-            written.append(("accuracy", self.output_dir / ACCURACY_FILE))
-        logger.info(
-            "wrote:\n  %s", "\n  ".join(f"{what:<14}{Path(path).resolve()}" for what, path in written)
-        )
         if o.eval_accuracy:
             before_after(
                 model,
@@ -276,6 +264,23 @@ class LLMTrainer(Trainer):
                 o.eval_max_new_tokens,
                 o.train_batch_size,
             )
+        written = [("PEFT adapter", self.output_dir / "adapter_model.safetensors")]
+        written += [
+            ("both branches", self.output_dir / STATE_FILE),
+            ("options", self.output_dir / CONFIG_FILE),
+        ]
+        if o.merge:
+            written.append(("merged model", self.output_dir / MERGED_DIR))
+        if o.eval_accuracy:
+            written += [("accuracy", self.output_dir / ACCURACY_FILE)]
+            written += [("predictions", self.output_dir / PREDICTIONS_FILE)]
+        steps = {int(p.name[11:]): p for p in self.output_dir.glob("checkpoint-*") if p.name[11:].isdigit()}
+        checkpoints = [steps[k] for k in sorted(steps)]
+        if checkpoints:
+            written.append(("checkpoint", checkpoints[-1]))
+        logger.info(
+            "wrote:\n  %s", "\n  ".join(f"{what:<14}{Path(path).resolve()}" for what, path in written)
+        )
 
 
 def train(options: LLMOptions) -> RunResult:
