@@ -131,6 +131,30 @@ def test_readme_command_without_data_fails_on_the_data_at_once(tmp_path):
     assert time.time() - start < 60
 
 
+def test_readme_command_under_accelerate_launch_keeps_the_line(tmp_path):
+    """`accelerate launch -q` (README, *Launchers*): our line comes last, no traceback; accelerate's own
+    convention makes the status 1 for any failed child."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--cpu", "--num_processes", "1"]
+    done = subprocess.run(
+        [
+            *launch,
+            str(ROOT / "train_llm.py"),
+            "--model",
+            "meta-llama/Llama-3.1-8B",
+            "--dataset",
+            "data/train.jsonl",
+        ],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "error: --dataset data/train.jsonl: no such file or folder", done.stderr[-3000:]
+
+
 def test_missing_model_folder_is_no_such_folder(tmp_path):
     done = run(
         [str(ROOT / "train_llm.py"), "--model", "./no-such-dir", "--dataset", str(DEMO / "train.jsonl")],
