@@ -487,7 +487,7 @@ def update_breakdown(args: argparse.Namespace, accelerator) -> dict:
             runner.optimizer.zero_grad(set_to_none=True)
             runner.accelerator.backward(runner.loss(mb))
             row["tensors"] = sum(len(g["params"]) for g in runner.optimizer.param_groups)
-            update = runner.optimizer._flat_update if flat else runner.optimizer._tensor_update
+            update = runner.optimizer.step  # on the gradients already there: the update alone
             values = []
             for _ in range(9):
                 _sync()

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 METHODS = ("lora", "bilora", "dual-descent", "lora-sam", "flat-lora")
-"""Training methods of the toolkit (DESIGN.md): one-pass methods first, then the two baselines that need a
+"""Training methods of the toolkit (`bilora_diffusion.optim.methods`): one-pass methods first, then the two baselines that need a
 closure (lora-sam: two passes; flat-lora: perturbs W0 before its one pass)."""
 
 ONE_PASS_METHODS = ("lora", "bilora", "dual-descent")
@@ -66,15 +66,12 @@ class BiLoRAConfig:
     aux_weight_decay: float = 0.0
     """Weight decay of the auxiliary group (the primary group uses the optimizer's own weight decay)."""
     fused: bool = True
-    """Compute both branches of a layer in one low-rank product (`bilora_diffusion.fused`):
-    ``y = W0·x + ((x·[A1; A2]ᵀ) ⊙ v)·[B1, B2]ᵀ`` with ``v = [s1]*r1 + [s2]*r2``; the same parameters,
-    gradients, optimizer and export as PEFT's two-adapter forward, at about the cost of one adapter. Linear
-    layers keep ``[A1; A2]`` and ``[B1, B2]`` as packed tensors, PEFT's weights being views of them
-    (`bilora_diffusion.packed`). Applies to Linear and Conv2d LoRA layers; a layer runs PEFT's own forward
-    whenever that cannot be fused exactly: auxiliary branch disabled (validation, sampling), adapters disabled
-    or merged, a DoRA primary, dropout > 0, a LoRA bias, other layer types (layers with dropout, DoRA or a bias
-    are never packed, so they train on PEFT's tensors; a packed layer's fallback is for evaluation: it computes
-    the right values, without gradients). False = always PEFT's forward."""
+    """Compute the branches of a layer in one low-rank product (`bilora_diffusion.fused`):
+    ``y = W0·x + ((x·[A1; A2]ᵀ) ⊙ v)·[B1, B2]ᵀ`` with ``v = [s1]*r1 + [s2]*r2`` (for plain LoRA the same single
+    product): the same parameters, gradients, optimizer and export as PEFT's per-adapter forward, at about the
+    cost of one adapter. Linear and Conv2d LoRA layers; PEFT's own forward runs whenever the fused one would not
+    be exact (a branch disabled, adapters disabled or merged, DoRA, dropout > 0, a LoRA bias, other layer
+    types). False = always PEFT's forward."""
 
     def __post_init__(self) -> None:
         if self.aux_rank is None:

@@ -2,7 +2,7 @@
 
 PEFT runs each active adapter on its own (``result = result + lora_B(lora_A(x)) * s`` per adapter: two
 rank-r products, two scalings and two additions over the full ``[tokens, out]`` output under Bi-LoRA). The
-fused forward computes ``W0·x + b + ((x·[A1; A2]ᵀ) ⊙ v)·[B1, B2]ᵀ`` with ``v = [s1]*r1 + [s2]*r2`` and the
+fused forward computes ``W0·x + b + ((x·[A1; A2]ᵀ) ⊙ v)·[B1ᵀ; B2ᵀ]`` with ``v = [s1]*r1 + [s2]*r2`` and the
 addition fused into the second product; the factors are concatenated per call (differentiably), so the
 branches get exactly the gradients of PEFT's forward and PEFT's tensors stay the only storage. With one
 branch (``--method lora``) it is the same single product and ``addmm``, so plain LoRA gets the speed too.
@@ -106,12 +106,13 @@ def _fused_forward(
     a_list = [m.weight for m in a_mods]
     b_list = [layer.lora_B[name].weight for name in adapters]
     a = a_list[0] if len(a_list) == 1 else torch.cat(a_list, 0)  # [r1 + r2, in(, kh, kw)]
-    b = b_list[0] if len(b_list) == 1 else torch.cat(b_list, 1)  # [out, r1 + r2(, 1, 1)]
     if layer.cast_input_dtype_enabled and x.dtype != a.dtype:
         x = x.to(a.dtype)
     scale = _scales(layer, adapters, [t.shape[0] for t in a_list], a, cache)
     if type(layer) is LoraLinear:
-        return lora_delta(x, a, b, scale, result)
+        bt = b_list[0].t() if len(b_list) == 1 else torch.cat([b.t() for b in b_list], 0)  # [r1 + r2, out]
+        return lora_delta(x, a, bt, scale, result)
+    b = b_list[0] if len(b_list) == 1 else torch.cat(b_list, 1)  # [out, r1 + r2, 1, 1]
     first = a_mods[0]
     conv = {"stride": first.stride, "padding": first.padding, "dilation": first.dilation}
     return lora_delta_conv2d(x, a, b, scale, result, conv)
