@@ -72,6 +72,10 @@ class BiLoRAConfig:
     cost of one adapter. Linear and Conv2d LoRA layers; PEFT's own forward runs whenever the fused one would not
     be exact (a branch disabled, adapters disabled or merged, DoRA, dropout > 0, a LoRA bias, other layer
     types). False = always PEFT's forward."""
+    use_dora: bool = False
+    """The primary branch is DoRA (PEFT's ``use_dora=True``: W0 + s1·B1·A1 renormalised per output row to a
+    trained magnitude vector); the auxiliary branch stays plain LoRA, so the global clip bounds the same
+    perturbation. The magnitudes train with the primary group and are exported with it."""
 
     def __post_init__(self) -> None:
         if self.aux_rank is None:
@@ -106,6 +110,10 @@ class BiLoRAConfig:
             raise ConfigError(f"aux_weight_decay must be >= 0, got {self.aux_weight_decay!r}")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one module")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.use_dora and self.init in ("pissa", "olora"):
+            raise ConfigError(f"use_dora does not combine with init={self.init!r}")
 
     @property
     def scale(self) -> float:

@@ -49,7 +49,10 @@ FUSED_DIR = "fused"
 FORMATS = ("diffusers", "kohya", "both")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OUTPUT_NAME = "bilora_sdxl"
-_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+_KOHYA_REQUIRED = {".lora_down.weight", ".lora_up.weight", ".alpha"}
+MAGNITUDE = "lora_magnitude_vector"
+"""PEFT's (and diffusers') key of a DoRA layer's magnitude vector: ``<module>.lora_magnitude_vector``."""
 # Inits that rewrite W0 at attach time (W0 <- W0 - s·B0·A0): a plain LoRA on the original W0 is not what was
 # trained, so such a run cannot be exported as one.
 _W0_REWRITING_INITS = ("pissa", "olora")
@@ -63,12 +66,16 @@ class ExportError(ValueError):
 class LoraModule:
     """One adapted module of the primary branch: ``delta W = (alpha / rank) · up · down``.
 
-    down: [r, in] (Linear) or [r, in, kh, kw] (Conv2d); up: [out, r] or [out, r, 1, 1].
+    down: [r, in] (Linear) or [r, in, kh, kw] (Conv2d); up: [out, r] or [out, r, 1, 1]. With DoRA,
+    ``magnitude`` is PEFT's magnitude vector (the trained norm of each output row of W0 + delta W): [out]
+    (Linear) or [1, out, 1, 1] (Conv2d), and the layer computes ``magnitude · (W0 + delta W) / ||W0 + delta W||``
+    (row norms).
     """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -95,31 +102,35 @@ def canonical_path(component: str, module: str) -> str:
 def lora_modules(
     component: str, state: Mapping[str, torch.Tensor], config: BiLoRAConfig, source: str
 ) -> dict[str, LoraModule]:
-    """Group a primary PEFT state dict (``<module>.lora_A.weight`` / ``.lora_B.weight``) into modules.
+    """Group a primary PEFT state dict (``<module>.lora_A.weight`` / ``.lora_B.weight``, and with
+    ``config.use_dora`` ``.lora_magnitude_vector``) into modules.
 
-    Refuses any other tensor (DoRA magnitudes, LoRA biases, an auxiliary key): a loader would drop or misread
-    it, so the file would not be the model that was trained."""
+    Refuses any other tensor (a DoRA magnitude without ``use_dora``, LoRA biases, an auxiliary key): a loader
+    would drop or misread it, so the file would not be the model that was trained."""
     if config.init in _W0_REWRITING_INITS:
         raise ExportError(
             f"{source}: {component} was trained with init={config.init!r}, which rewrites the base weights; "
             "its adapter is not a standard LoRA on the original model and cannot be exported as one"
         )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    parts = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+    if config.use_dora:
+        parts[MAGNITUDE] = f".{MAGNITUDE}"
     for key, value in state.items():
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
+        for part, suffix in parts.items():
             if key.endswith(suffix):
                 pairs.setdefault(key[: -len(suffix)], {})[part] = value
                 break
         else:
-            raise ExportError(
-                f"{source}: {component} tensor {key!r} is not a LoRA A/B weight; refusing to export it"
-            )
+            what = "LoRA A/B weight" + (" or DoRA magnitude" if config.use_dora else "")
+            if key.endswith(f".{MAGNITUDE}"):
+                what += " (a DoRA magnitude, but the config has use_dora=False)"
+            raise ExportError(f"{source}: {component} tensor {key!r} is not a {what}; refusing to export it")
     modules: dict[str, LoraModule] = {}
     for path, pair in pairs.items():
-        if set(pair) != {"lora_A", "lora_B"}:
+        if set(pair) != set(parts):
             raise ExportError(
-                f"{source}: {component}.{path} has {sorted(pair)} but not both lora_A and lora_B"
+                f"{source}: {component}.{path} has {sorted(pair)} but not all of {sorted(parts)}"
             )
         try:
             name = canonical_path(component, path)
@@ -129,7 +140,8 @@ def lora_modules(
             raise ExportError(f"{source}: {component}.{path} appears twice (with and without 'text_model.')")
         # On the CPU: the writers and checks below need it, and a LoRA is small.
         down, up = pair["lora_A"].detach().cpu(), pair["lora_B"].detach().cpu()
-        modules[name] = LoraModule(down, up, float(config.alpha))
+        magnitude = pair[MAGNITUDE].detach().cpu() if MAGNITUDE in pair else None
+        modules[name] = LoraModule(down, up, float(config.alpha), magnitude)
     return modules
 
 
@@ -191,6 +203,21 @@ def _find_module(model: nn.Module, component: str, path: str) -> nn.Module | Non
     return None
 
 
+def _magnitude_shape(module: nn.Module) -> tuple[int, ...]:
+    """PEFT's DoRA magnitude shape on ``module``: [out] (Linear) or [1, out, 1, 1] (Conv2d)."""
+    if isinstance(module, nn.Conv2d):
+        return (1, module.out_channels, 1, 1)
+    return (module.out_features,)
+
+
+def _dora_scale_shape(module: nn.Module) -> tuple[int, ...]:
+    """kohya/LyCORIS ``dora_scale`` shape of an output-axis DoRA on ``module``: [out, 1] (Linear) or
+    [out, 1, 1, 1] (Conv2d), the shape ComfyUI and Forge read as one magnitude per output row."""
+    if isinstance(module, nn.Conv2d):
+        return (module.out_channels, 1, 1, 1)
+    return (module.out_features, 1)
+
+
 def _expected_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """(down, up) shapes of a rank-``rank`` LoRA on ``module``, as kohya and PEFT lay them out."""
     if isinstance(module, nn.Linear):
@@ -245,6 +272,19 @@ def validate(
                 raise ExportError(f"{where}: alpha must be > 0, got {lora.alpha}")
             if not (torch.isfinite(lora.down).all() and torch.isfinite(lora.up).all()):
                 raise ExportError(f"{where}: NaN or Inf in the LoRA weights")
+            if (lora.magnitude is not None) != bool(config.use_dora):
+                raise ExportError(
+                    f"{where}: use_dora={config.use_dora} but the module "
+                    f"{'has' if lora.magnitude is not None else 'lacks'} a DoRA magnitude vector"
+                )
+            if lora.magnitude is not None:
+                if tuple(lora.magnitude.shape) != _magnitude_shape(module):
+                    raise ExportError(
+                        f"{where}: DoRA magnitude of shape {tuple(lora.magnitude.shape)} does not fit the "
+                        f"module (expected {_magnitude_shape(module)})"
+                    )
+                if not torch.isfinite(lora.magnitude).all():
+                    raise ExportError(f"{where}: NaN or Inf in the DoRA magnitude vector")
         if expected is not None and component in expected:
             missing = {canonical_path(component, p) for p in expected[component]} - set(modules)
             if missing:
@@ -278,7 +318,7 @@ def adapter_metadata(modules: Mapping[str, LoraModule], config: BiLoRAConfig, co
         "lora_dropout": 0.0,
         "bias": "none",
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": bool(config.use_dora),
         "use_rslora": False,
     }
 
@@ -295,7 +335,8 @@ def _diffusers_spelling(
     converted = convert(dict(peft_state))
     if component != "unet":
         return converted
-    peft_style = [".lora_A." in k or ".lora_B." in k for k in converted]
+    # DoRA magnitudes (``.lora_magnitude_vector``) have one spelling in both; only the factors decide.
+    peft_style = [".lora_A." in k or ".lora_B." in k for k in converted if not k.endswith(f".{MAGNITUDE}")]
     return converted if all(peft_style) or not any(peft_style) else peft_state
 
 
@@ -320,6 +361,8 @@ def write_diffusers(
         for path, lora in modules.items():
             peft_state[f"{path}.lora_A.weight"] = lora.down.to(save_dtype).contiguous()
             peft_state[f"{path}.lora_B.weight"] = lora.up.to(save_dtype).contiguous()
+            if lora.magnitude is not None:
+                peft_state[f"{path}.{MAGNITUDE}"] = lora.magnitude.to(save_dtype).contiguous()
         kwargs[f"{component}_lora_layers"] = _diffusers_spelling(
             component, peft_state, convert_state_dict_to_diffusers
         )
@@ -341,7 +384,9 @@ def kohya_state_dict(
     loras: LoraSet, unet_config: Any, save_dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """kohya tensors: ``<stem>.lora_down.weight``, ``<stem>.lora_up.weight`` (save_dtype) and a 0-dim float32
-    ``<stem>.alpha`` per module (float32 so that e.g. alpha = 8 / 3 is not rounded by fp16)."""
+    ``<stem>.alpha`` per module (float32 so that e.g. alpha = 8 / 3 is not rounded by fp16); with DoRA also
+    ``<stem>.dora_scale``: PEFT's magnitude vector (one norm per output row) as an [out, 1] column
+    ([out, 1, 1, 1] for a Conv2d), LyCORIS's output-axis layout that ComfyUI and Forge read."""
     tensors: dict[str, torch.Tensor] = {}
     for component, modules in loras.items():
         for path, lora in modules.items():
@@ -349,6 +394,10 @@ def kohya_state_dict(
             tensors[f"{stem}.lora_down.weight"] = lora.down.to(save_dtype).contiguous()
             tensors[f"{stem}.lora_up.weight"] = lora.up.to(save_dtype).contiguous()
             tensors[f"{stem}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+            if lora.magnitude is not None:
+                out = lora.up.shape[0]
+                shape = (out, 1) if lora.up.dim() == 2 else (out, 1, 1, 1)
+                tensors[f"{stem}.dora_scale"] = lora.magnitude.reshape(shape).to(save_dtype).contiguous()
     return tensors
 
 
@@ -406,6 +455,9 @@ def kohya_metadata(
         "bilora_components": ",".join(c for c, m in loras.items() if m),
         "bilora_exported": "primary branch only (W0 + s1·B1·A1)",
     }
+    if main.use_dora:
+        header["bilora_use_dora"] = "True"
+        header["ss_network_args"] = json.dumps({"dora_wd": "True", "wd_on_out": "True"})
     for key, value in (extra or {}).items():
         header[str(key)] = str(value)
     return header
@@ -420,7 +472,7 @@ def write_kohya(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metad
         if suffix is None:
             raise ExportError(f"{path}: stray tensor {key!r}")
         stems.setdefault(key[: -len(suffix)], set()).add(suffix)
-    broken = [s for s, parts in stems.items() if len(parts) != 3]
+    broken = [s for s, parts in stems.items() if not _KOHYA_REQUIRED <= parts]
     if broken:
         raise ExportError(f"{path}: incomplete modules {broken[:3]}")
     atomic_save_file(tensors, path, metadata)
@@ -788,6 +840,12 @@ def _check_kohya_file(
         if suffix is None:
             raise ExportError(f"{file}: {key!r} is not a lora_down/lora_up/alpha tensor")
         stems.setdefault(key[: -len(suffix)], set()).add(suffix)
+    dora = [stem for stem, parts in stems.items() if ".dora_scale" in parts]
+    if dora:
+        raise ExportError(
+            f"{file}: {dora[0]}.dora_scale: a kohya-format DoRA, whose dora_scale diffusers' loader drops (the "
+            f"images would not be the model's); use the diffusers-format file ({DIFFUSERS_FILE}) instead"
+        )
     alphas = [f"{stem}.alpha" for stem, parts in stems.items() if ".alpha" in parts]
     with safe_open(str(file), framework="pt") as f:
         bad = [k for k in alphas if shapes[k] != () or not float(f.get_tensor(k)) > 0]
@@ -807,7 +865,12 @@ def _check_kohya_file(
 
 def _check_diffusers_file(file: Path, shapes: Mapping[str, tuple], models: Mapping[str, nn.Module]) -> None:
     pairs: dict[tuple[str, str], dict[str, tuple]] = {}
+    magnitudes: dict[tuple[str, str], tuple] = {}
     for key, shape in shapes.items():
+        component, _, rest = key.partition(".")
+        if rest.endswith(f".{MAGNITUDE}") and component in models:
+            magnitudes[(component, rest[: -len(MAGNITUDE) - 1])] = tuple(shape)
+            continue
         parsed = _diffusers_module(key)
         if parsed is None or parsed[0] not in models:
             raise ExportError(
@@ -821,6 +884,15 @@ def _check_diffusers_file(file: Path, shapes: Mapping[str, tuple], models: Mappi
             )
         module = _find_module(models[component], component, name)
         _check_pair(file, f"{component}.{name}", module, pair["down"], pair["up"])
+    for (component, name), shape in sorted(magnitudes.items()):
+        module = _find_module(models[component], component, name)
+        if (component, name) not in pairs or module is None:
+            raise ExportError(f"{file}: {component}.{name}.{MAGNITUDE} has no LoRA down/up weights")
+        if shape != _magnitude_shape(module):
+            raise ExportError(
+                f"{file}: {component}.{name}.{MAGNITUDE} has shape {shape}, the module needs "
+                f"{_magnitude_shape(module)} (a LoRA for another model?)"
+            )
 
 
 def check_lora_file(

@@ -42,7 +42,7 @@ def models_of(model: ModelOrModels) -> list[nn.Module]:
 
 def lora_config(config: BiLoRAConfig, branch: str = PRIMARY) -> LoraConfig:
     """The PEFT `LoraConfig` of one branch. The auxiliary branch always uses PEFT's default init (B2 = 0), so
-    the perturbation starts at zero."""
+    the perturbation starts at zero, and is always plain LoRA (``use_dora`` makes only the primary DoRA)."""
     primary = branch == PRIMARY
     init = config.init if primary else "default"
     return LoraConfig(
@@ -51,6 +51,7 @@ def lora_config(config: BiLoRAConfig, branch: str = PRIMARY) -> LoraConfig:
         target_modules=config.target_modules,
         lora_dropout=config.dropout,
         init_lora_weights=True if init == "default" else init,
+        use_dora=config.use_dora and primary,
     )
 
 
@@ -132,7 +133,7 @@ def pair_sq_norms(pairs: list[LoraPair]) -> torch.Tensor:
     for indices in shape_blocks(pairs).values():
         a = torch.stack([pairs[i].A.detach() for i in indices])  # [n, r, in]
         b = torch.stack([pairs[i].B.detach() for i in indices])  # [n, out, r]
-        scales = torch.tensor([pairs[i].scale**2 for i in indices], dtype=torch.float64, device=a.device)
+        scales = torch.tensor([pairs[i].scale ** 2 for i in indices], dtype=torch.float64, device=a.device)
         out[torch.tensor(indices, device=device)] = block_sq_norms(a, b, scales).to(device, out.dtype)
     return out
 

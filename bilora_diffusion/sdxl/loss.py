@@ -25,6 +25,9 @@ class MicroBatch:
     timesteps: torch.Tensor  # [B] long
     prompt_embeds: torch.Tensor | None = None  # cached text embeddings (frozen text encoders)
     pooled: torch.Tensor | None = None
+    n_instance: int | None = (
+        None  # prior preservation: rows [:n_instance] are instance, the rest class samples
+    )
 
 
 def draw_noise(
@@ -55,16 +58,28 @@ def denoising_loss(
     timesteps: torch.Tensor,
     snr_gamma: float | None,
     prediction_type: str,
+    n_instance: int | None = None,
+    prior_loss_weight: float = 1.0,
 ) -> torch.Tensor:
     """MSE, optionally with min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma)/SNR for epsilon targets,
-    min(SNR, gamma)/(SNR + 1) for v-prediction (whose loss already carries a factor SNR + 1)."""
-    if snr_gamma is None:
+    min(SNR, gamma)/(SNR + 1) for v-prediction (whose loss already carries a factor SNR + 1).
+
+    With ``n_instance`` (DreamBooth prior preservation, rows ``[instance; class]``): diffusers' loss
+    ``mean(instance rows) + prior_loss_weight · mean(class rows)``, each row weighted as above."""
+    if snr_gamma is None and n_instance is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-    weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-    return (loss.mean(dim=list(range(1, loss.ndim))) * weights.to(loss.device)).mean()
+    per_sample = loss.mean(dim=list(range(1, loss.ndim)))
+    if snr_gamma is not None:
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+        weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+        per_sample = per_sample * weights.to(loss.device)
+    if n_instance is None:
+        return per_sample.mean()
+    from .prior import prior_loss
+
+    return prior_loss(per_sample, n_instance, prior_loss_weight)[0]
 
 
 def micro_batch_loss(
@@ -77,6 +92,7 @@ def micro_batch_loss(
     dtype: torch.dtype,
     prediction_type: str = "epsilon",
     snr_gamma: float | None = None,
+    prior_loss_weight: float = 1.0,
 ) -> torch.Tensor:
     """The SDXL loss of one micro-batch, as the trainer (and the step-cost benchmark) computes it: noise the
     latents, condition on cached or freshly encoded prompts (dropped captions = zero embeddings), predict,
@@ -99,4 +115,6 @@ def micro_batch_loss(
             added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": mb.time_ids.to(device, dtype)},
         ).sample
     target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
-    return denoising_loss(pred, target, scheduler, timesteps, snr_gamma, prediction_type)
+    return denoising_loss(
+        pred, target, scheduler, timesteps, snr_gamma, prediction_type, mb.n_instance, prior_loss_weight
+    )

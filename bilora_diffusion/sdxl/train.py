@@ -31,6 +31,7 @@ from ..training import (
     steps_per_epoch,
     weight_dtype,
 )
+from . import prior
 from .cache import LatentCache, TextEmbeddingCache, model_identity, plan_geometry
 from .loss import MicroBatch, draw_noise, micro_batch_loss
 from .models import load_components
@@ -51,6 +52,7 @@ class SDXLTrainer(Trainer):
             "aux_rank": options.bilora_config(options.target_modules).aux_rank,
             "base_model": options.pretrained_model_name_or_path,
             "train_text_encoder": options.train_text_encoder,
+            "use_dora": options.use_dora,
             "seed": options.seed,
         }
 
@@ -60,6 +62,8 @@ class SDXLTrainer(Trainer):
         self.check_base_model()
         self.log_run()
         self.setup_models()
+        if self.opt.with_prior_preservation:
+            prior.setup_class_data(self)
         self.setup_caches()
         self.setup_training()
 
@@ -105,7 +109,7 @@ class SDXLTrainer(Trainer):
             geometry = f"{o.resolution}x{o.resolution}"
         geometry += ", center crop" if o.center_crop else ", random crop"
         geometry += ", random flip" if o.random_flip else ""
-        method = f"{o.method}: rank {config.rank}, alpha {config.alpha:g}"
+        method = f"{o.method}: rank {config.rank}, alpha {config.alpha:g}" + (", DoRA" if o.use_dora else "")
         if config.aux_rank:
             method += f", aux rank {config.aux_rank}, aux alpha {config.aux_alpha:g}, rho {config.rho:g}"
             method += f", clip {config.clip}, aux lr {o.aux_lr or o.learning_rate:g}"
@@ -127,6 +131,14 @@ class SDXLTrainer(Trainer):
             + (f", samples every {o.validation_steps}" if o.validation_prompt else ""),
             f"output      {self.output_dir.resolve()}",
         ]
+        if o.with_prior_preservation:
+            have = min(len(prior.class_images(o.class_data_dir)), o.num_class_images)
+            lines.insert(
+                2,
+                f"prior       {o.num_class_images} class images of {o.class_prompt!r} in {o.class_data_dir} "
+                f"({have} there, {o.num_class_images - have} to generate), prior loss weight "
+                f"{o.prior_loss_weight:g}",
+            )
         logger.info("run:\n  %s", "\n  ".join(lines))
 
     def setup_data(self) -> None:
@@ -149,6 +161,7 @@ class SDXLTrainer(Trainer):
             on_bad_image=o.on_bad_image,
         )
         self.data_report = report
+        self.class_records: list = []  # prior preservation: set by prior.setup_class_data
         records = self.drop_unbucketable(report.records)
         order = list(range(len(records)))
         random.Random(o.seed).shuffle(order)
@@ -277,7 +290,7 @@ class SDXLTrainer(Trainer):
                     o.pretrained_model_name_or_path, {"revision": o.revision, "variant": o.variant}
                 )
                 self.text_cache = TextEmbeddingCache(te_id, o.cache_dir)
-                captions = [r.caption for r in self.records + self.val_records]
+                captions = [r.caption for r in self.records + self.val_records + self.class_records]
                 self.text_cache.build(captions, c.tokenizers, c.text_encoders)
         self.drop_failed()
         # Latents live in the cache from now on; the VAE is only needed for samples.
@@ -344,6 +357,12 @@ class SDXLTrainer(Trainer):
             w, h = plan.original
             time_ids.append([h, w, top * self.f, left * self.f, plan.bucket[1], plan.bucket[0]])
             captions.append("" if drop else self.records[i].caption)
+        keys = [self.records[i].key for i in indices]
+        if self.class_records:  # prior preservation: [instance samples; their class companions]
+            extra = prior.class_samples(self, indices, epoch)
+            latents, time_ids, captions, keys = (
+                a + b for a, b in zip((latents, time_ids, captions, keys), extra)
+            )
         stacked = torch.stack(latents)
         noise, timesteps = draw_noise(
             stacked,
@@ -355,12 +374,14 @@ class SDXLTrainer(Trainer):
             stacked,
             torch.tensor(time_ids),
             captions,
-            [self.records[i].key for i in indices],
+            keys,
             noise,
             timesteps,
+            n_instance=len(indices) if self.class_records else None,
         )
         if self.text_cache is not None:
-            embeds, pooled = self.text_cache.get([self.records[i].caption for i in indices])
+            full = [self.records[i].caption for i in indices] + captions[len(indices) :]
+            embeds, pooled = self.text_cache.get(full)
             keep = torch.tensor([bool(c) for c in captions], dtype=embeds.dtype)
             # Dropped captions become zero embeddings: what the SDXL pipeline feeds as the unconditional
             # input (force_zeros_for_empty_prompt), so classifier-free guidance matches training.
@@ -382,6 +403,7 @@ class SDXLTrainer(Trainer):
             self.dtype,
             self.prediction_type,
             self.opt.snr_gamma,
+            self.opt.prior_loss_weight,
         )
 
     def batch_keys(self, mb: MicroBatch) -> list[str]:
