@@ -173,7 +173,7 @@ def check_compatible(
     trainer_state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike
 ) -> None:
     """Refuse to resume a checkpoint made with another method, rank or base model; warn on a seed change."""
-    for key in ("method", "rank", "aux_rank", "base_model", "train_text_encoder", "use_dora"):
+    for key in ("method", "rank", "aux_rank", "base_model", "train_text_encoder", "use_dora", "optimizer"):
         if key in trainer_state and key in expected and trainer_state[key] != expected[key]:
             raise CheckpointError(
                 f"--resume_from_checkpoint {path}: it was made with {key}={trainer_state[key]!r}, "

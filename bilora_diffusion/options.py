@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import sys
 import types
@@ -157,6 +158,9 @@ def parse_options(cls: type, argv: list[str] | None = None) -> Any:
     values.update(cli_values)
     for f in fields(cls):
         choices = f.metadata.get("choices")
+        value = values.get(f.name)
+        if choices and isinstance(value, str) and value not in choices and value.lower() in choices:
+            values[f.name] = value.lower()  # --optimizer AdamW (diffusers' spelling)
         if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
             raise OptionError(
                 f"--{f.name}: must be one of {', '.join(map(str, choices))}, got {values[f.name]!r}"
@@ -200,6 +204,17 @@ def run_cli(main, cls: type, argv: list[str] | None = None, user_errors: tuple[t
 
 
 # -- options shared by the SDXL and LLM trainers ------------------------------------------------------------
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "sgd")
+"""Names of --optimizer."""
+
+OPTIMIZER_PACKAGES = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes", "bnb"),
+    "prodigy": ("prodigyopt", "prodigyopt", "prodigy"),
+    "lion": ("lion_pytorch", "lion-pytorch", "lion"),
+}
+"""--optimizer name -> (module, PyPI package, extra of bilora-diffusion that installs it)."""
+
+
 @dataclass
 class TrainOptions:
     """Training options common to every trainer (diffusers' flag names where diffusers has them)."""
@@ -249,11 +264,37 @@ class TrainOptions:
     )
     allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (pip install bilora-diffusion[bnb]).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.999, "AdamW beta2.")
-    adam_weight_decay: float = opt(1e-2, "AdamW weight decay of the primary branch.")
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    optimizer: str = opt(
+        "adamw",
+        "Inner optimizer of both branches (the auxiliary one ascends with it): torch's AdamW; bitsandbytes' "
+        "8-bit AdamW (extra [bnb]); Prodigy (extra [prodigy]; set --learning_rate 1.0); Adafactor "
+        "(transformers', lr as an absolute step); Lion (extra [lion]); torch's SGD. Case-insensitive.",
+        choices=OPTIMIZERS,
+    )
+    use_8bit_adam: bool = opt(False, "Same as --optimizer adamw8bit (diffusers' flag).")
+    adam_beta1: float | None = opt(
+        None, "beta1 of AdamW, AdamW8bit, Prodigy and Lion; None = the optimizer's default (0.9)."
+    )
+    adam_beta2: float | None = opt(
+        None,
+        "beta2 of AdamW, AdamW8bit, Prodigy and Lion; None = the optimizer's default (0.999; Lion 0.99).",
+    )
+    adam_weight_decay: float = opt(
+        1e-2, "Weight decay of the primary branch, with every optimizer (the auxiliary one: 0)."
+    )
+    adam_epsilon: float = opt(1e-8, "Epsilon of AdamW, AdamW8bit and Prodigy.")
+    prodigy_d_coef: float = opt(1.0, "Prodigy: multiplier of its step-size estimate d.")
+    prodigy_safeguard_warmup: bool = opt(
+        True, "Prodigy: leave the lr out of the d estimate's denominator (diffusers' default: on)."
+    )
+    prodigy_use_bias_correction: bool = opt(
+        True, "Prodigy: Adam's bias correction on its step (diffusers' default: on)."
+    )
+    prodigy_beta3: float | None = opt(
+        None, "Prodigy: decay of the d estimate's running sums; None = sqrt(beta2)."
+    )
+    prodigy_decouple: bool = opt(True, "Prodigy: AdamW-style decoupled weight decay.")
+    sgd_momentum: float = opt(0.0, "SGD momentum.")
     max_grad_norm: float = opt(
         1.0, "Gradient-norm clip, applied to the primary and auxiliary groups separately."
     )
@@ -305,8 +346,7 @@ class TrainOptions:
             raise OptionError(f"--num_train_epochs must be > 0, got {self.num_train_epochs!r}")
         if self.lr_warmup_steps < 0 or self.max_grad_norm < 0 or self.dataloader_num_workers < 0:
             raise OptionError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
-        if not 0.0 <= self.adam_beta1 < 1.0 or not 0.0 <= self.adam_beta2 < 1.0:
-            raise OptionError("--adam_beta1 and --adam_beta2 must be in [0, 1)")
+        self.validate_optimizer()
         if self.lr_warmup_ratio is not None and not 0.0 <= self.lr_warmup_ratio < 1.0:
             raise OptionError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
         if self.validation_steps < 1:
@@ -330,6 +370,45 @@ class TrainOptions:
         except ConfigError as err:
             raise OptionError(str(err)) from None
         check_output_dir(self.output_dir)
+
+    @property
+    def optimizer_name(self) -> str:
+        """The --optimizer this run uses (--use_8bit_adam is a spelling of adamw8bit)."""
+        return "adamw8bit" if self.use_8bit_adam else self.optimizer
+
+    def validate_optimizer(self) -> None:
+        """--optimizer and its options; a missing package stops here, before any model loads."""
+        name = self.optimizer_name
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise OptionError(
+                f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {self.optimizer}"
+            )
+        for flag in ("adam_beta1", "adam_beta2", "sgd_momentum", "prodigy_beta3"):
+            value = getattr(self, flag)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise OptionError(f"--{flag} must be in [0, 1), got {value}")
+        if not self.adam_weight_decay >= 0.0:
+            raise OptionError(f"--adam_weight_decay must be >= 0, got {self.adam_weight_decay}")
+        if not self.adam_epsilon > 0.0:
+            raise OptionError(f"--adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if not self.prodigy_d_coef > 0.0:
+            raise OptionError(f"--prodigy_d_coef must be > 0, got {self.prodigy_d_coef}")
+        if name == "prodigy":
+            # Prodigy shares one step-size estimate between its param groups and refuses unequal lrs.
+            for flag in ("aux_lr", "text_encoder_lr"):
+                value = getattr(self, flag, None)
+                if value is not None and value != self.learning_rate:
+                    raise OptionError(
+                        f"--{flag} {value:g}: --optimizer prodigy steps every branch and model with one "
+                        f"learning rate (its d estimate is shared); leave --{flag} unset"
+                    )
+        if name in OPTIMIZER_PACKAGES:
+            module, package, extra = OPTIMIZER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                flag = "--use_8bit_adam" if self.use_8bit_adam else f"--optimizer {name}"
+                raise OptionError(
+                    f"{flag} needs {package}, which is not installed: pip install 'bilora-diffusion[{extra}]'"
+                )
 
 
 def check_output_dir(path: str) -> None:

@@ -4,6 +4,7 @@ micro-batches, non-finite handling, progress and logging. The SDXL and LLM loops
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -18,7 +19,6 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from .peft_glue import unwrap
 from .checkpoint import (
     CONFIG_FILE,
     TRAINER_STATE,
@@ -30,7 +30,8 @@ from .checkpoint import (
 )
 from .config import BiLoRAConfig
 from .optim import BiLoRAOptimizer, build_optimizer
-from .options import OptionError, TrainOptions, to_yaml
+from .options import OPTIMIZER_PACKAGES, OptionError, TrainOptions, to_yaml
+from .peft_glue import unwrap
 from .state import STATE_FILE, save_bilora_state
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,45 @@ def cast_trainable_to_fp32(*models: nn.Module) -> None:
                 p.data = p.data.float()
 
 
-def optimizer_class(options: TrainOptions) -> type[torch.optim.Optimizer]:
-    if not options.use_8bit_adam:
-        return torch.optim.AdamW
+def optimizer_choice(options: TrainOptions) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The inner optimizer class of ``--optimizer`` and its keyword arguments (the lr aside). Classes
+    without ``maximize`` (bitsandbytes, Prodigy, Adafactor, Lion) ascend on negated gradients, which mirrors
+    their step exactly: each is odd in the gradient sequence it is fed (`optim.optimizer._inner_step`)."""
+    name = options.optimizer_name
+    beta1 = 0.9 if options.adam_beta1 is None else options.adam_beta1
+    beta2 = options.adam_beta2
+    decay = options.adam_weight_decay
+    if name in ("adamw", "adamw8bit", "prodigy"):
+        kwargs = {"betas": (beta1, 0.999 if beta2 is None else beta2), "eps": options.adam_epsilon}
+        kwargs["weight_decay"] = decay
+    if name == "adamw":
+        return torch.optim.AdamW, kwargs
+    if name == "sgd":
+        return torch.optim.SGD, {"momentum": options.sgd_momentum, "weight_decay": decay}
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # kohya's, OneTrainer's and SimpleTuner's Adafactor: --learning_rate is the step, not a relative one.
+        flags = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+        return Adafactor, {**flags, "weight_decay": decay}
+    module, _, _ = OPTIMIZER_PACKAGES[name]
     try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise OptionError("--use_8bit_adam needs bitsandbytes: pip install 'bilora-diffusion[bnb]'") from None
-    return bnb.optim.AdamW8bit
+        package = importlib.import_module(module)
+    except ImportError:  # validate() checks this before any model loads; here for direct callers
+        options.validate_optimizer()
+        raise
+    if name == "adamw8bit":
+        return package.optim.AdamW8bit, kwargs
+    if name == "lion":
+        return package.Lion, {"betas": (beta1, 0.99 if beta2 is None else beta2), "weight_decay": decay}
+    return package.Prodigy, {
+        **kwargs,
+        "beta3": options.prodigy_beta3,
+        "d_coef": options.prodigy_d_coef,
+        "decouple": options.prodigy_decouple,
+        "use_bias_correction": options.prodigy_use_bias_correction,
+        "safeguard_warmup": options.prodigy_safeguard_warmup,
+    }
 
 
 def make_optimizer(
@@ -97,19 +129,23 @@ def make_optimizer(
     factor = (
         options.train_batch_size * options.gradient_accumulation_steps * world_size if options.scale_lr else 1
     )
+    optimizer_cls, kwargs = optimizer_choice(options)
+    if options.optimizer_name == "prodigy" and options.learning_rate * factor < 0.1:
+        logger.warning(
+            "--optimizer prodigy with --learning_rate %g: Prodigy finds the step size itself and its "
+            "learning rate is a multiplier of it; use --learning_rate 1.0",
+            options.learning_rate * factor,
+        )
     return build_optimizer(
         [(m, lr * factor) for m, lr in model_lrs],
         config,
         method=options.method,
-        optimizer_cls=optimizer_class(options),
+        optimizer_cls=optimizer_cls,
         lr=options.learning_rate * factor,
         max_grad_norm=options.max_grad_norm or None,
         total_steps=total_steps,
         seed=options.seed,
-        betas=(options.adam_beta1, options.adam_beta2),
-        weight_decay=options.adam_weight_decay,
-        eps=options.adam_epsilon,
-        **overrides,
+        **{**kwargs, **overrides},
     )
 
 
@@ -294,10 +330,15 @@ class Trainer:
         raise NotImplementedError
 
     @classmethod
+    def checkpoint_identity(cls, options: TrainOptions) -> dict:
+        """`identity` plus the optimizer: another optimizer's state cannot be resumed."""
+        return {**cls.identity(options), "optimizer": options.optimizer_name}
+
+    @classmethod
     def run(cls, options: TrainOptions) -> RunResult:
         """A whole training: a resume that cannot fit is refused first (before any model loads), then the
         subclass's ``setup()`` (options and data before models) and the loop."""
-        preflight_resume(options, cls.identity(options))
+        preflight_resume(options, cls.checkpoint_identity(options))
         trainer = cls(options)
         trainer.setup()
         return trainer.train()
@@ -351,7 +392,7 @@ class Trainer:
             )
             return
         state = load_checkpoint(path, self.trained, self.optimizer, self.scheduler)
-        check_compatible(state, self.identity(self.opt), path)
+        check_compatible(state, self.checkpoint_identity(self.opt), path)
         self.global_step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.global_step)
 
@@ -394,7 +435,10 @@ class Trainer:
     def checkpoint(self) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            trainer_state = {**self.identity(self.opt), "epoch": self.global_step // self.steps_per_epoch}
+            trainer_state = {
+                **self.checkpoint_identity(self.opt),
+                "epoch": self.global_step // self.steps_per_epoch,
+            }
             try:
                 save_checkpoint(
                     self.output_dir,

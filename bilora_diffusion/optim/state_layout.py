@@ -84,7 +84,9 @@ def check_tensor_state(state_dict: dict, group_params: list[list[torch.Tensor]])
             raise other_adapters(index, group)
         for pid, param in zip(group["params"], mine):
             for value in state.get(pid, {}).values():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                # Tensors shaped like their parameter (Adam's moments, Lion's, Prodigy's exp_avg); others have
+                # shapes of their own (Adafactor's row/column factors, Prodigy's flattened s and p0).
+                if torch.is_tensor(value) and value.dim() == param.dim() and value.shape != param.shape:
                     raise other_adapters(index, group)
 
 
