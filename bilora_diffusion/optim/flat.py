@@ -94,9 +94,8 @@ class FlatGroup:
                 self.flat.grad = None
                 return False
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if any(g.dtype != dtype for g in grads):
-            grads = [g.to(dtype) for g in grads]
-        self.flat.grad = _flatten_dense_tensors(grads)  # one C++ concatenation
+        flat_grad = _flatten_dense_tensors(grads)  # one C++ concatenation
+        self.flat.grad = flat_grad if flat_grad.dtype == dtype else flat_grad.to(dtype)
         return True
 
     def restore_missing(self, saved: list[tuple[torch.Tensor, slice, torch.Tensor]]) -> None:
