@@ -41,6 +41,7 @@ from .hub import cast, dtype_kwargs, resolve_base_model
 from .options import OptionError
 from .peft_glue import bilora_layers, lora_config, primary_state_dict, unwrap
 from .sdxl.kohya import COMPONENTS, KeyMapError, kohya_stem, stem_table, text_encoder_path
+from .sdxl.single_file import config_dir, is_single_file
 from .state import STATE_FILE, atomic_save_file, read_bilora_state
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -739,7 +740,16 @@ def export_from_folder(
         )
     base = str(base)
     resolve_base_model(base, "sdxl", flag=flag)
-    models, unet_config = skeleton_models(base, [c for c, m in loras.items() if m])
+    configs_from = base
+    if is_single_file(base):
+        # One SGM-layout file: its configs come from the run's --single_file_config (or the shipped ones).
+        configs_from = str(config_dir(options.get("single_file_config")))
+        if fuse:
+            raise ExportError(
+                f"{flag} {base}: --fuse needs a diffusers base folder; a single-file base takes the LoRA file "
+                "itself (bilora_sdxl.safetensors in ComfyUI / A1111)"
+            )
+    models, unet_config = skeleton_models(configs_from, [c for c, m in loras.items() if m])
     expected = {name: expected_targets(model, configs[name]) for name, model in models.items()}
     extra = training_metadata({**options, "pretrained_model_name_or_path": base})
     written = write_lora(

@@ -11,6 +11,8 @@ transformers and huggingface_hub into one `BaseModelError` that says which case 
 - a Hub id that does not exist (or is private), a revision that does not exist, or a gated repository whose
   license has not been accepted with the token in use;
 - a Hub repository without the file that kind of model has (not a diffusers SDXL pipeline, not a model).
+- a single checkpoint file (``sdxl/single_file.py``) that is pickled (refused: loading runs its code),
+  truncated, not safetensors, or without the SGM-layout UNet and both text encoders.
 
 Nothing is downloaded but the one small file ``from_pretrained`` reads first (``model_index.json`` or
 ``config.json``), into the usual Hugging Face cache.
@@ -35,6 +37,8 @@ KINDS = {
     "vae": ("config.json", "a VAE"),
 }
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+"""Names taken as one checkpoint file (a safetensors file is checked; a pickled one is refused)."""
 
 
 class BaseModelError(OptionError):
@@ -114,16 +118,23 @@ def resolve_base_model(
     revision: str | None = None,
     flag: str = "--pretrained_model_name_or_path",
 ) -> str:
-    """Check that ``name`` (a local folder or a Hub id) is there and is a model of ``kind`` ("sdxl",
-    "causal-lm" or "vae") before anything loads it. Returns the local folder (for a Hub id: its cached
-    snapshot folder). Raises `BaseModelError` (an `OptionError`: exit 2, one line) naming ``flag``, the model
-    and which case it is."""
+    """Check that ``name`` (a local folder or a Hub id; for "sdxl" and "vae" also one ``.safetensors`` file in
+    the original SGM layout) is there and is a model of ``kind`` ("sdxl", "causal-lm" or "vae") before anything
+    loads it. Returns the local folder or file (for a Hub id: its cached snapshot folder). Raises
+    `BaseModelError` (an `OptionError`: exit 2, one line) naming ``flag``, the model and which case it is."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = str(name)
     if not name.strip():
         raise BaseModelError(f"{flag}: empty")
     path = Path(name).expanduser()
+    single = path.suffix.lower() in SINGLE_FILE_SUFFIXES
+    if kind in ("sdxl", "vae") and (path.is_file() or (single and not path.is_dir())):
+        # One .safetensors file in the original (SGM) layout: whole, and holding that kind of model.
+        from .sdxl.single_file import check_single_file
+
+        check_single_file(path, kind, flag)
+        return str(path)
     if path.exists() or _looks_like_path(name):
         if not path.exists():
             raise BaseModelError(f"{flag} {name}: no such folder")

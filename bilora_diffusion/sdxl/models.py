@@ -29,12 +29,24 @@ class SDXLComponents:
 
 
 def load_components(
-    path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None
+    path: str,
+    vae_path: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
 ) -> SDXLComponents:
-    """Load the base model's parts from a Hub id or a local diffusers folder (float32; the trainer casts)."""
+    """Load the base model's parts from a Hub id, a local diffusers folder, or one SGM-layout .safetensors file
+    (configs from ``single_file_config`` or the shipped SDXL base 1.0 ones; every tensor checked against the
+    file). float32; the trainer casts."""
+    from .single_file import is_single_file, load_single_file_components, load_vae_file
+
+    if is_single_file(path):
+        return load_single_file_components(path, single_file_config, vae_path)
     kw = {"revision": revision}
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
-    if vae_path:
+    if vae_path and is_single_file(vae_path):
+        vae = load_vae_file(vae_path, path)
+    elif vae_path:
         vae = AutoencoderKL.from_pretrained(vae_path, **kw)
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)

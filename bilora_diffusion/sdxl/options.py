@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import BiLoRAConfig
 from ..hub import SDXL_BASE
 from ..options import OptionError, TrainOptions, opt
+from .single_file import is_single_file
 
 TOY_MODEL = str(Path(__file__).resolve().parent.parent / "toy" / "sdxl-tiny")
 """The embedded toy model: a tiny SDXL-architecture model shipped in the package (runs offline on a CPU). The
@@ -36,12 +37,23 @@ class SDXLOptions(TrainOptions):
 
     pretrained_model_name_or_path: str = opt(
         SDXL_BASE,
-        "Base SDXL model: Hub id or local diffusers folder. The embedded toy model (what the no-argument demo "
+        "Base SDXL model: Hub id, local diffusers folder, or one .safetensors file in the original (SGM) layout "
+        "as ComfyUI/A1111 use (see --single_file_config). The embedded toy model (what the no-argument demo "
         "trains) is bilora_diffusion/toy/sdxl-tiny.",
         path=True,
     )
     pretrained_vae_model_name_or_path: str | None = opt(
-        None, "A VAE to use instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix).", path=True
+        None,
+        "A VAE to use instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix; a folder, Hub id or one "
+        ".safetensors file).",
+        path=True,
+    )
+    single_file_config: str | None = opt(
+        None,
+        "With a single-file base model: a diffusers-layout SDXL folder giving the component configs and both "
+        "tokenizers (no weights needed). Default: SDXL base 1.0's configs shipped in the package, with the CLIP "
+        "tokenizer from the local Hugging Face cache.",
+        path=True,
     )
     revision: str | None = opt(None, "Revision of the base model on the Hub.")
     variant: str | None = opt(None, "Weights variant of the base model, e.g. fp16.")
@@ -138,6 +150,11 @@ class SDXLOptions(TrainOptions):
             raise OptionError("--num_validation_images must be >= 1")
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
             raise OptionError(f"--text_encoder_lr must be > 0, got {self.text_encoder_lr}")
+        if self.single_file_config and not is_single_file(self.pretrained_model_name_or_path):
+            raise OptionError(
+                "--single_file_config is for a single-file base model (--pretrained_model_name_or_path "
+                f"FILE.safetensors); {self.pretrained_model_name_or_path} is a folder or Hub id with its own configs"
+            )
 
     def validate_prior_preservation(self) -> None:
         """diffusers' DreamBooth checks: the class flags are needed with --with_prior_preservation and

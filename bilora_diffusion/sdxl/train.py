@@ -37,6 +37,7 @@ from .loss import MicroBatch, draw_noise, micro_batch_loss
 from .models import load_components
 from .options import TOY_MODEL, SDXLOptions
 from .sampling import save_before_after, save_validation_grid
+from .single_file import check_config, is_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class SDXLTrainer(Trainer):
         data scan and before anything loads: one line, exit 2."""
         o = self.opt
         resolve_base_model(o.pretrained_model_name_or_path, "sdxl", revision=o.revision)
+        if is_single_file(o.pretrained_model_name_or_path):
+            check_config(o.single_file_config)  # its configs and tokenizers: there, and nothing to download
         if o.pretrained_vae_model_name_or_path:
             resolve_base_model(
                 o.pretrained_vae_model_name_or_path,
@@ -202,7 +205,11 @@ class SDXLTrainer(Trainer):
     def setup_models(self) -> None:
         o, acc = self.opt, self.accelerator
         c = load_components(
-            o.pretrained_model_name_or_path, o.pretrained_vae_model_name_or_path, o.revision, o.variant
+            o.pretrained_model_name_or_path,
+            o.pretrained_vae_model_name_or_path,
+            o.revision,
+            o.variant,
+            o.single_file_config,
         )
         self.c = c
         self.dtype = weight_dtype(acc)
