@@ -92,6 +92,22 @@ def test_fused_equals_two_adapters_on_mlp():
     assert_same_output_grads_and_step(reference, fused, loss_fn, config, optimizer_cls=torch.optim.AdamW)
 
 
+def test_single_lora_fast_path_equals_peft_lora():
+    """--method lora runs the same fused forward with one branch: PEFT's output, gradients and steps."""
+    config = linear_config(aux_rank=0)
+    reference, fused = twin_models(mlp, config)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    losses = [F.mse_loss(m(x), y) for m in (reference, fused)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0.0)
+    for loss in losses:
+        loss.backward()
+    assert_all_close(adapter_grads(fused), adapter_grads(reference), rtol=1e-5)
+    for model in (reference, fused):
+        opt = build_optimizer(model, config, method="lora", lr=1e-2)
+        opt.step()
+    assert_all_close(fused.state_dict(), reference.state_dict(), rtol=1e-5)
+
+
 def unet_loss(model: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An SDXL-style denoising MSE on fixed random inputs (latents [2, 4, 16, 16], 7 text tokens)."""
     gen = torch.Generator().manual_seed(3)
