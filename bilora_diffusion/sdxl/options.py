@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import BiLoRAConfig
+from ..data.captions import TagOptions
 from ..hub import SDXL_BASE
 from ..options import OptionError, TrainOptions, opt
 from .single_file import is_single_file
@@ -88,6 +89,14 @@ class SDXLOptions(TrainOptions):
     sample_batch_size: int = opt(4, "Batch size of the class-image generation.")
     class_inference_steps: int = opt(25, "Denoising steps of each generated class image.")
     caption_dropout: float = opt(0.0, "Probability of training a sample with an empty prompt (enables CFG).")
+    shuffle_caption: bool = opt(
+        False, "Captions are tags (kohya): shuffle them per sample per step, the first keep_tokens in place."
+    )
+    keep_tokens: int = opt(0, "Tags kept first and in place by shuffle_caption / caption_tag_dropout.")
+    caption_separator: str = opt(",", "What separates the tags of a caption.")
+    caption_tag_dropout: float = opt(
+        0.0, "Probability of dropping each tag beyond keep_tokens, per sample per step (kohya's _rate)."
+    )
     resolution: int = opt(1024, "Training resolution (side of the square, or the bucket area's side).")
     center_crop: bool = opt(False, "Center crop instead of a random crop (decided per sample per step).")
     random_flip: bool = opt(False, "Flip horizontally with probability 1/2 (per sample per step).")
@@ -129,6 +138,12 @@ class SDXLOptions(TrainOptions):
         config = super().bilora_config(target_modules)
         return dataclasses.replace(config, use_dora=self.use_dora) if self.use_dora else config
 
+    def tag_options(self) -> TagOptions:
+        """How captions are treated as tags (--shuffle_caption, --keep_tokens, ...)."""
+        return TagOptions(
+            self.shuffle_caption, self.keep_tokens, self.caption_separator, self.caption_tag_dropout
+        )
+
     def validate(self) -> None:
         super().validate()
         self.validate_prior_preservation()
@@ -140,6 +155,14 @@ class SDXLOptions(TrainOptions):
             raise OptionError(f"--resolution must be a multiple of 8 and >= 16, got {self.resolution}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise OptionError(f"--caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.caption_tag_dropout < 1.0:
+            raise OptionError(f"--caption_tag_dropout must be in [0, 1), got {self.caption_tag_dropout}")
+        if self.keep_tokens < 0:
+            raise OptionError(f"--keep_tokens must be >= 0, got {self.keep_tokens}")
+        if not self.caption_separator.strip():
+            raise OptionError(
+                f"--caption_separator must hold a visible character, got {self.caption_separator!r}"
+            )
         if not 0.0 <= self.validation_split < 1.0:
             raise OptionError(f"--validation_split must be in [0, 1), got {self.validation_split}")
         if self.max_upscale < 1.0:

@@ -18,6 +18,7 @@ import torch
 from ..adapters import attach_bilora
 from ..checkpoint import CONFIG_FILE, check_free_space, list_checkpoints
 from ..data import DataError, assign_bucket, epoch_batches, load_records
+from ..data.captions import process_caption
 from ..hub import cast, resolve_base_model
 from ..options import OptionError
 from ..peft_glue import aux_disabled, unwrap
@@ -127,13 +128,21 @@ class SDXLTrainer(Trainer):
             f"dataset     {data}",
             f"resolution  {geometry}",
             f"method      {method}; {trained} ({', '.join(o.target_modules)})",
-            f"optimizer   lr {o.learning_rate:g} ({o.lr_scheduler}, {o.lr_warmup_steps} warmup steps), batch "
+            f"optimizer   {o.optimizer_name}, lr {o.learning_rate:g} ({o.lr_scheduler}, "
+            f"{o.lr_warmup_steps} warmup steps), batch "
             f"{o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {self.world} process(es), "
             f"mixed precision {self.accelerator.mixed_precision}",
             f"steps       {total} ({per_epoch} per epoch), checkpoint every {o.checkpointing_steps}"
             + (f", samples every {o.validation_steps}" if o.validation_prompt else ""),
             f"output      {self.output_dir.resolve()}",
         ]
+        tags = o.tag_options()
+        if tags.varies:
+            how = (["shuffled"] if tags.shuffle else []) + (
+                [f"each dropped with p {tags.tag_dropout:g}"] if tags.tag_dropout else []
+            )
+            lines.insert(2, f"captions    tags split on {tags.separator!r}, {' and '.join(how)}")
+            lines[2] += f", the first {tags.keep_tokens} kept in place" if tags.keep_tokens else ""
         if o.with_prior_preservation:
             have = min(len(prior.class_images(o.class_data_dir)), o.num_class_images)
             lines.insert(
@@ -260,6 +269,7 @@ class SDXLTrainer(Trainer):
 
     def setup_caches(self) -> None:
         o, acc, c = self.opt, self.accelerator, self.c
+        self.tags = o.tag_options()
         self.f = f = 2 ** (len(c.vae.config.block_out_channels) - 1)  # VAE downsampling: 8 on SDXL
         self.plans = plan_geometry(self.records, o.resolution, o.bucketing, o.max_upscale, f)
         self.val_plans = plan_geometry(self.val_records, o.resolution, o.bucketing, o.max_upscale, f)
@@ -292,7 +302,12 @@ class SDXLTrainer(Trainer):
                 label="latent cache (held-out images)",
             )
             self.text_cache = None
-            if not o.train_text_encoder:
+            if not o.train_text_encoder and self.tags.varies and acc.is_main_process:
+                logger.info(
+                    "text-embedding cache off: --shuffle_caption / --caption_tag_dropout change the captions "
+                    "every step, so the frozen text encoders encode them each step"
+                )
+            if not o.train_text_encoder and not self.tags.varies:
                 te_id = model_identity(
                     o.pretrained_model_name_or_path, {"revision": o.revision, "variant": o.variant}
                 )
@@ -344,6 +359,11 @@ class SDXLTrainer(Trainer):
         picks = step_batches(batches, position, self.world, self.rank, o.gradient_accumulation_steps)
         return [self.make_batch(indices, epoch, step, micro) for micro, indices in enumerate(picks)]
 
+    def caption(self, i: int, epoch: int) -> str:
+        """Sample ``i``'s caption at this epoch: as written, or as tags shuffled and dropped (--shuffle_caption,
+        --caption_tag_dropout) by a generator of (seed, epoch, sample) — the same draw on a resume."""
+        return process_caption(self.records[i].caption, self.tags, seeded(self.opt.seed, epoch, i, 1))
+
     def make_batch(self, indices: list[int], epoch: int, step: int, micro: int) -> MicroBatch:
         o = self.opt
         latents, time_ids, captions = [], [], []
@@ -363,7 +383,7 @@ class SDXLTrainer(Trainer):
             latents.append(latent[:, top : top + bh, left : left + bw])
             w, h = plan.original
             time_ids.append([h, w, top * self.f, left * self.f, plan.bucket[1], plan.bucket[0]])
-            captions.append("" if drop else self.records[i].caption)
+            captions.append("" if drop else self.caption(i, epoch))
         keys = [self.records[i].key for i in indices]
         if self.class_records:  # prior preservation: [instance samples; their class companions]
             extra = prior.class_samples(self, indices, epoch)
