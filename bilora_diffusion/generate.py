@@ -32,7 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render prompts x seeds to PNG with the stock StableDiffusionXLPipeline and an exported LoRA.",
     )
     parser.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="base SDXL pipeline (folder or Hub id)"
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="base SDXL pipeline (folder or Hub id), or one .safetensors file in the original (SGM) layout",
+    )
+    parser.add_argument(
+        "--single_file_config",
+        default=None,
+        help="with a single-file base: a diffusers SDXL folder with its configs and tokenizers (default: the "
+        "shipped SDXL base 1.0 configs)",
     )
     parser.add_argument(
         "--lora", default=None, help="exported LoRA: a .safetensors file (diffusers or kohya) or its folder"
@@ -56,12 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_pipeline(base: str, dtype: torch.dtype, device: str):
-    """The stock pipeline, progress bars off (they would interleave with the printed paths)."""
+def load_pipeline(base: str, dtype: torch.dtype, device: str, single_file_config: str | None = None):
+    """The stock pipeline, progress bars off (they would interleave with the printed paths); a single-file base
+    (SGM layout) is loaded offline with its configs from ``single_file_config`` or the shipped ones."""
     from diffusers import StableDiffusionXLPipeline
 
+    from .sdxl.single_file import check_config, is_single_file, single_file_pipeline
+
     resolve_base_model(base, "sdxl")  # a missing, unreachable or non-SDXL base: one line, before loading
-    pipe = StableDiffusionXLPipeline.from_pretrained(base, **dtype_kwargs(dtype))
+    if is_single_file(base):
+        check_config(single_file_config)
+        pipe = single_file_pipeline(base, single_file_config, dtype)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(base, **dtype_kwargs(dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -152,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         negative_prompt=args.negative_prompt,
     )
     try:
-        pipe = load_pipeline(args.pretrained_model_name_or_path, DTYPES[args.dtype], device)
+        pipe = load_pipeline(
+            args.pretrained_model_name_or_path, DTYPES[args.dtype], device, args.single_file_config
+        )
         base_images = render(pipe, args.prompt, seeds, **options) if args.compare or not args.lora else None
         lora_images = None
         if args.lora:

@@ -129,7 +129,7 @@ def resolve_base_model(
         raise BaseModelError(f"{flag}: empty")
     path = Path(name).expanduser()
     single = path.suffix.lower() in SINGLE_FILE_SUFFIXES
-    if kind in ("sdxl", "vae") and (path.is_file() or (single and not path.is_dir())):
+    if kind in ("sdxl", "vae") and single and not path.is_dir():
         # One .safetensors file in the original (SGM) layout: whole, and holding that kind of model.
         from .sdxl.single_file import check_single_file
 

@@ -326,3 +326,18 @@ def test_train_on_a_single_file_and_export(tiny_sdxl_dir, single_file, image_fol
     # bilora-export of the run resolves the same single-file base and its config folder.
     written = export_from_folder(out, tmp_path / "export", format="kohya")
     assert set(load_file(str(written[0]))) == set(kohya)
+
+    # bilora-generate renders the single-file base with the kohya file through stock diffusers: it changes them.
+    from PIL import Image
+
+    from bilora_diffusion.generate import main as generate_main
+
+    shots = tmp_path / "shots"
+    argv = ["--pretrained_model_name_or_path", str(single_file), "--single_file_config", tiny_sdxl_dir,
+            "--lora", str(out / "bilora_sdxl.safetensors"), "--compare", "--prompt", "a red square",
+            "--num_inference_steps", "2", "--height", "64", "--width", "64", "--output_dir", str(shots),
+            "--device", "cpu"]  # fmt: skip
+    assert generate_main(argv) == 0
+    with_lora = np.asarray(Image.open(shots / "00_a-red-square_seed0.png"), dtype=np.int16)
+    without = np.asarray(Image.open(shots / "00_a-red-square_seed0_base.png"), dtype=np.int16)
+    assert np.abs(with_lora - without).max() > 0

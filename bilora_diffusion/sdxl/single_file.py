@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..hub import BaseModelError, cast
+from ..hub import SINGLE_FILE_SUFFIXES, BaseModelError, cast
 from .kohya import KeyMapError, unet_sgm_path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "single_file_config"
@@ -58,13 +58,12 @@ _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 def is_single_file(name: str | os.PathLike | None) -> bool:
-    """True for a path that names one file (existing, or with a checkpoint file suffix), not a folder/Hub id."""
+    """True for a name that is one checkpoint file (``.safetensors``, or a pickled ``.ckpt``/``.pt``/... that
+    `check_single_file` refuses), not a folder or a Hub id."""
     if not name:
         return False
     path = Path(str(name)).expanduser()
-    if path.is_dir():
-        return False
-    return path.is_file() or path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir()
 
 
 # -- the file's header: what it holds, read without loading a tensor ------------------------------------------
@@ -506,7 +505,12 @@ def load_single_file_components(
     for name, model in models.items():
         verify_component(name, model, state, source)
     del state
-    vae = load_vae_file(vae_path, folder) if vae_path else models["vae"]
+    if not vae_path:
+        vae = models["vae"]
+    elif is_single_file(vae_path):
+        vae = load_vae_file(vae_path, folder)
+    else:  # a diffusers VAE folder or Hub id (e.g. madebyollin/sdxl-vae-fp16-fix)
+        vae = AutoencoderKL.from_pretrained(vae_path)
     for model in (*models.values(), vae):
         cast(model, None, torch.float32).eval()
     return SDXLComponents(
@@ -517,4 +521,30 @@ def load_single_file_components(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+
+
+def single_file_pipeline(
+    path: str,
+    single_file_config: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    flag: str = "--pretrained_model_name_or_path",
+):
+    """A stock ``StableDiffusionXLPipeline`` from one SGM-layout file (the components of
+    `load_single_file_components`, the config folder's scheduler), cast to ``dtype`` (the VAE stays float32
+    below it: SDXL's VAE overflows in fp16)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    c = load_single_file_components(path, single_file_config, flag=flag)
+    for model in (c.unet, c.text_encoder, c.text_encoder_2):
+        cast(model, None, dtype)
+    scheduler = EulerDiscreteScheduler.from_pretrained(config_dir(single_file_config), subfolder="scheduler")
+    return StableDiffusionXLPipeline(
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        text_encoder_2=c.text_encoder_2,
+        tokenizer=c.tokenizer,
+        tokenizer_2=c.tokenizer_2,
+        unet=c.unet,
+        scheduler=scheduler,
     )
