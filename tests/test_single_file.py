@@ -119,6 +119,16 @@ def test_a_tensor_not_loaded_fails_in_one_line(sdxl_topology, tmp_path):
     assert "text_encoder_2 not loaded from the file" in message and "layers.12." in message, message
     assert "\n" not in message and isinstance(err.value, OptionError)
 
+    # A misnamed UNet tensor: diffusers' UNet loader stops on the meta tensor it leaves; one line naming the unet.
+    key = PREFIXES["unet"] + "input_blocks.1.0.in_layers.2.weight"
+    path = write_single_file(
+        folder, tmp_path / "misnamed.safetensors", lambda st: st.update({key + "X": st.pop(key)})
+    )
+    with pytest.raises(BaseModelError) as err:
+        load_single_file_components(str(path), folder)
+    assert "its unet (a tensor missing or misnamed in the file?) could not be loaded" in str(err.value)
+    assert "\n" not in str(err.value)
+
     # A parameter holding anything but the file's tensor (e.g. its random init) is caught too.
     components = load_components(folder)
     state = load_file(str(sdxl_topology[1]))

@@ -416,7 +416,7 @@ def verify_component(
     if bad:
         raise BaseModelError(
             f"{source}: {component} not loaded from the file: {bad[0]}"
-            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            + (" (and more)" if len(bad) > 1 else "")
         )
 
 
@@ -487,24 +487,34 @@ def load_single_file_components(
     # No torch_dtype: diffusers' from_single_file would log a "kept in float32: []" line on the cast; the file's
     # dtype is kept and `cast` makes it float32 below.
     common = {"config": str(folder), "local_files_only": True}
+    if not vae_path and not any(k.startswith(PREFIXES["vae"]) for k in state):
+        raise BaseModelError(
+            f"{source}: no VAE in the file (first_stage_model.*); pass --pretrained_vae_model_name_or_path"
+        )
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common),
+        "vae": lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **common),
+        "text_encoder": lambda: create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state, subfolder="text_encoder", **common
+        ),
+        "text_encoder_2": lambda: create_diffusers_clip_model_from_ldm(
+            CLIPTextModelWithProjection, state, subfolder="text_encoder_2", **common
+        ),
+    }
     models: dict[str, torch.nn.Module] = {}
-    try:
-        models["unet"] = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
-        if not vae_path:
-            if not any(k.startswith(PREFIXES["vae"]) for k in state):
-                raise BaseModelError(
-                    f"{source}: no VAE in the file (first_stage_model.*); pass --pretrained_vae_model_name_or_path"
-                )
-            models["vae"] = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
-        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            models[name] = create_diffusers_clip_model_from_ldm(cls, state, subfolder=name, **common)
-    except BaseModelError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise _one_line(flag, path, "the SDXL checkpoint", err) from None
+    for name, load in loaders.items():
+        if name == "vae" and vae_path:
+            continue
+        try:
+            models[name] = load()
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            # e.g. "Cannot copy out of meta tensor": a tensor of this component is missing or misnamed.
+            raise _one_line(
+                flag, path, f"its {name} (a tensor missing or misnamed in the file?)", err
+            ) from None
     for name, model in models.items():
         verify_component(name, model, state, source)
-    del state
+    state.clear()  # the file's tensors not used by a model are freed now
     if not vae_path:
         vae = models["vae"]
     elif is_single_file(vae_path):
