@@ -45,14 +45,14 @@ class BaseModelError(OptionError):
     """The base model named by an option cannot be used; the message names the option, the model and why."""
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     from huggingface_hub import constants
 
     check = getattr(constants, "is_offline_mode", None)
     return bool(check() if callable(check) else getattr(constants, "HF_HUB_OFFLINE", False))
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A name that can only be a local path: absolute, ./ ../ ~ or a backslash, more than one slash, or not a
     valid Hub repo id."""
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name):
@@ -66,7 +66,7 @@ def _looks_like_path(name: str) -> bool:
     return False
 
 
-def _hub_reachable(timeout: float = 5.0) -> str | None:
+def hub_unreachable(timeout: float = 5.0) -> str | None:
     """None if a TCP connection to the Hub endpoint opens within ``timeout`` seconds, else why not. Behind a
     proxy (HTTPS_PROXY / ALL_PROXY) the direct connection proves nothing, so the Hub is assumed reachable."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -135,7 +135,7 @@ def resolve_base_model(
 
         check_single_file(path, kind, flag)
         return str(path)
-    if path.exists() or _looks_like_path(name):
+    if path.exists() or looks_like_path(name):
         if not path.exists():
             raise BaseModelError(f"{flag} {name}: no such folder")
         if not path.is_dir():
@@ -162,12 +162,12 @@ def _resolve_hub(repo_id: str, kind: str, revision: str | None, flag: str) -> st
     local = "no such folder; as a Hub id it is " if "/" not in repo_id else ""
     cached = try_to_load_from_cache(repo_id, marker, revision=revision)
     if not isinstance(cached, str):
-        if _offline():
+        if hub_offline():
             raise BaseModelError(
                 f"{flag} {repo_id}: {local}not in the local Hugging Face cache{at}, and the Hub is "
                 "unreachable (HF_HUB_OFFLINE=1); download it once online, or pass a local folder"
             )
-        unreachable = _hub_reachable()
+        unreachable = hub_unreachable()
         if unreachable:
             raise BaseModelError(
                 f"{flag} {repo_id}: {local}not in the local Hugging Face cache{at}, and the Hub is "

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .peft_glue import aux_disabled, bilora_layers, lora_pair, unwrap
 from .config import PRIMARY
+from .peft_glue import aux_disabled, bilora_layers, lora_pair, unwrap
 
 logger = logging.getLogger(__name__)
 

@@ -97,8 +97,8 @@ def _http_error(cls, message: str):
 def test_hub_answers_gated_missing_and_not_sdxl(monkeypatch):
     from huggingface_hub import errors
 
-    monkeypatch.setattr(hub, "_offline", lambda: False)
-    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=5.0: None)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda timeout=5.0: None)
     answers = {
         errors.GatedRepoError: "a gated repository; accept its license at https://huggingface.co/org/model",
         errors.RepositoryNotFoundError: "no such repository on the Hub",
@@ -122,7 +122,7 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
 
     from huggingface_hub import constants
 
-    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..hub import _hub_reachable, _looks_like_path, _offline, resolve_base_model
+from ..hub import hub_offline, hub_unreachable, looks_like_path, resolve_base_model
 from ..options import OptionError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -39,12 +39,12 @@ def check_data(source: str, flag: str = "--dataset") -> None:
     """A data source: an existing file or folder, or a Hub dataset id that is cached or can be fetched."""
     if Path(source).expanduser().exists():
         return
-    if _looks_like_path(source) or source.lower().endswith(DATA_SUFFIXES):
+    if looks_like_path(source) or source.lower().endswith(DATA_SUFFIXES):
         raise OptionError(f"{flag} {source}: no such file or folder")
     if dataset_cached(source):
         return
     local = "no such file or folder; as a Hub dataset it is " if "/" not in source else ""
-    unreachable = "HF_HUB_OFFLINE=1" if _offline() else _hub_reachable()
+    unreachable = "HF_HUB_OFFLINE=1" if hub_offline() else hub_unreachable()
     if unreachable:
         raise OptionError(
             f"{flag} {source}: {local}not in the local Hugging Face cache, and the Hub is unreachable "
@@ -60,6 +60,6 @@ def check_model(name: str, flag: str = "--model", revision: str | None = None) -
 def check_tokenizer(name: str, flag: str = "--tokenizer") -> None:
     """A separate tokenizer given as a local path must exist (Hub ids are left to transformers)."""
     path = Path(name).expanduser()
-    if path.exists() or _looks_like_path(name) or os.sep in name:
+    if path.exists() or looks_like_path(name) or os.sep in name:
         if not path.is_dir():
             raise OptionError(f"{flag} {name}: no such folder")
