@@ -6,8 +6,11 @@ The task (few-shot concept learning with held-out combinations):
 - test on purple **triangles** (never in the fine-tuning data): does the new color transfer to another shape?
 - measure forgetting on the held-in colors (red ... blue on every shape).
 
-Every method (lora, bilora, dual-descent, lora-sam, flat-lora) trains with the toolkit's own trainer
-(``SDXLTrainer``: setup(), train(), as ``train_sdxl.py`` runs it), the same data, the same number of optimizer
+This is a preset of ``bilora-compare`` (`bilora_diffusion.compare`) on the toy world: every (method, seed) is
+one compare run (the toolkit's own trainer ``SDXLTrainer`` in this process, a done-marker per run under
+``--work``/runs, so an interrupted benchmark resumes), with the toy analyzer as the adherence score (the toy has
+no CLIP) and compare's report and verdict next to the table (``<stem>_compare/report.md``). Every method (lora,
+bilora, dual-descent, lora-sam, flat-lora) trains on the same data, the same number of optimizer
 steps, the same hyper-parameters except rho, for several seeds; lora-sam spends two forward/backward passes per
 step (reported). After training, with the auxiliary branch disabled (what users get):
 
@@ -22,6 +25,7 @@ step (reported). After training, with the auxiliary branch disabled (what users 
     python benchmarks/generalization.py            # full: 5 methods x 3 seeds
     python benchmarks/generalization.py --quick    # 1 seed, fewer steps and samples, same code path
     python benchmarks/generalization.py --sweep_rho 0.01 0.05 0.25  # rho sweep: bilora, lora-sam; 1 seed
+    python benchmarks/generalization.py --aux_lr_grid 0.05 1.0    # aux lr 1x, 3x, 10x at each rho vs lora; 3 seeds
 
 Writes benchmarks/results/generalization{,_quick}.{json,md,png} (and the sweep's generalization_rho_sweep.*).
 """
@@ -29,7 +33,6 @@ Writes benchmarks/results/generalization{,_quick}.{json,md,png} (and the sweep's
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -85,6 +88,8 @@ class Settings:
     sharp_directions: int = 6
     landscape: bool = True
     threads: int = 1
+    grid: dict[str, dict] = field(default_factory=dict)
+    """Extra labelled variants, e.g. {"bilora rho=1 aux_lr 3x": {"method": "bilora", "rho": 1.0, "aux_lr": 9e-3}}."""
 
 
 QUICK = {
@@ -99,6 +104,25 @@ QUICK = {
     "radii": [0.25, 1.0],
     "landscape": False,
 }
+GRID = {
+    "seeds": [0, 1, 2],
+    "n_loss_images": 12,
+    "n_gen_unseen": 24,
+    "n_gen_taught": 6,
+    "n_gen_held_in": 12,
+    "inference_steps": 15,
+    "radii": [0.25, 1.0],
+    "sharp_directions": 2,
+    "landscape": False,
+}
+"""The aux-lr grid's budget (7 variants x 3 seeds in about 15 minutes on 2 busy CPU cores): the full run's
+training (200 steps, lr 3e-3), the quick run's evaluation sizes with more held-out prompts."""
+TOY_KEYS = [
+    ("loss_unseen", -1, "held-out (purple triangle) loss"),
+    ("unseen_both", +1, "held-out adherence (analyzer: color and shape right)"),
+    ("held_in_both", +1, "held-in adherence (forgetting)"),
+]
+"""The toy's key metrics in bilora-compare's verdict (the toy has no CLIP: the analyzer is its adherence score)."""
 SWEEP = {
     "seeds": [0],
     "n_loss_images": 12,
@@ -152,28 +176,22 @@ def prompt_sets(s: Settings) -> dict[str, list]:
     }
 
 
-# -- one run ------------------------------------------------------------------------------------------------------
-def trainer_options(s: Settings, method: str, seed: int, data: Path, out: Path, cache: Path):
-    """The SDXL trainer's options for one run, built from its own command-line flags."""
-    from bilora_diffusion.options import parse_options
-    from bilora_diffusion.sdxl.options import SDXLOptions
-
+# -- one run: a bilora-compare run on the toy world --------------------------------------------------------------
+def trainer_flags(s: Settings, data: Path, cache: Path) -> list[str]:
+    """The SDXL trainer's flags shared by every run (bilora-compare adds --method, --seed, --output_dir and each
+    variant's overrides such as --rho / --aux_lr)."""
     never = str(10 * s.steps + 1)
     flags = {
         "pretrained_model_name_or_path": s.model,
         "dataset": data,
-        "output_dir": out,
         "cache_dir": cache,
         "resolution": 32,
         "train_batch_size": s.batch,
         "max_train_steps": s.steps,
         "learning_rate": s.lr,
         "lr_scheduler": "constant",
-        "method": method,
         "rank": s.rank,
         "lora_alpha": s.alpha,
-        "rho": s.rho.get(method, 0.05),
-        "seed": seed,
         "snr_gamma": s.snr_gamma,
         "caption_dropout": s.caption_dropout,
         "mixed_precision": "no",
@@ -184,8 +202,37 @@ def trainer_options(s: Settings, method: str, seed: int, data: Path, out: Path, 
         "validation_steps": never,
         "compare_grid": "false",
     }
-    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-    return parse_options(SDXLOptions, argv)
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def variants_of(s: Settings) -> list:
+    """One bilora-compare variant per method (its rho), plus ``s.grid``'s labelled extra variants."""
+    from bilora_diffusion.compare import Variant
+
+    out = [Variant(m, m, {"rho": str(s.rho.get(m, 0.05))}) for m in s.methods]
+    out += [
+        Variant(label, spec["method"], {k: str(v) for k, v in spec.items() if k != "method"})
+        for label, spec in s.grid.items()
+    ]
+    return out
+
+
+def compare_settings(s: Settings, work: Path, folders: dict, command: str):
+    from bilora_diffusion.compare import CompareSettings
+
+    return CompareSettings(
+        variants=variants_of(s),
+        seeds=list(s.seeds),
+        output_dir=str(work),
+        trainer_args=trainer_flags(s, folders["train"], work / "cache"),
+        radii=list(s.radii),
+        sharpness_directions=s.sharp_directions,
+        sharpness_draws=s.loss_draws,
+        command=command,
+        extra_identity={
+            k: v for k, v in asdict(s).items() if k not in ("methods", "seeds", "grid", "threads")
+        },
+    )
 
 
 def timed(fn, *args, **kwargs):
@@ -195,26 +242,12 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
-def train_one(s: Settings, method: str, seed: int, folders: dict, work: Path):
-    """Train one method with the toolkit's trainer; returns (trainer, RunResult, wall s, CPU s)."""
-    from bilora_diffusion.sdxl.train import SDXLTrainer
-
-    options = trainer_options(
-        s, method, seed, folders["train"], work / "runs" / f"{method}-s{seed}", work / "cache"
-    )
-
-    def run():
-        trainer = SDXLTrainer(options)  # what SDXLTrainer.run / train_sdxl.py do, keeping the trainer
-        trainer.setup()
-        return trainer, trainer.train()
-
-    (trainer, result), wall, cpu = timed(run)
-    return trainer, result, wall, cpu
-
-
-def evaluate(trainer, s: Settings, folders: dict, prompts: dict, base: bool = False) -> dict:
-    """Losses (a), adherence (b) and, unless ``base``, sharpness (c) of a trained trainer; the auxiliary branch
-    is off throughout; ``base=True`` evaluates W0 alone (adapters disabled)."""
+def evaluate(
+    trainer, s: Settings, folders: dict, prompts: dict, base: bool = False, sharp: bool = True
+) -> dict:
+    """Losses (a), adherence (b) and, unless ``base`` or not ``sharp``, sharpness (c) of a trained trainer; the
+    auxiliary branch is off throughout; ``base=True`` evaluates W0 alone (adapters disabled). bilora-compare
+    measures (c) itself (same batches, radii, directions and seed)."""
     import contextlib
 
     from bilora_diffusion import adapters_disabled, aux_disabled
@@ -243,7 +276,7 @@ def evaluate(trainer, s: Settings, folders: dict, prompts: dict, base: bool = Fa
                         pipe, specs, seed=0, steps=s.inference_steps, guidance=s.guidance
                     )
                     out["adherence"][name] = {"color": score.color, "shape": score.shape, "both": score.both}
-    if not base:
+    if not base and sharp:
         layers = adapted_layers(trainer.trained)
         out["sharpness"] = sharpness(
             loss_function(trainer, train_batches), layers, s.radii, s.sharp_directions, seed=777
@@ -261,52 +294,99 @@ def landscape_of(trainer, s: Settings) -> dict:
     return landscape(loss_fn, layers, points=13, n_directions=2, grid="2d", grid_points=9, seed=99)
 
 
+def toy_eval(s: Settings, folders: dict, prompts: dict, with_base: bool):
+    """bilora-compare's ``extra_eval`` on the toy world: the analyzer's adherence and the toy losses (and, on
+    the first run, the base model; on the first seed, the landscape)."""
+    first = (s.seeds[0], (variants_of(s)[0]).label)
+
+    def extra(trainer, variant, seed) -> dict:
+        out: dict = {}
+        if with_base and (seed, variant.label) == first:
+            out["base"] = evaluate(trainer, s, folders, prompts, base=True)
+        ev, wall, cpu = timed(evaluate, trainer, s, folders, prompts, sharp=False)
+        out.update(ev, toy_eval_wall_s=wall, toy_eval_cpu_s=cpu)
+        if s.landscape and seed == s.seeds[0]:
+            out["landscape"] = landscape_of(trainer, s)
+        out["metrics"] = {k: v for k, v in metrics_of(ev).items() if not k.startswith("sharp_")}
+        return out
+
+    return extra
+
+
 # -- the benchmark ------------------------------------------------------------------------------------------------
 def run_benchmark(
-    s: Settings, work: Path, out_json: Path, command: str = "", with_base: bool = True, log=print
+    s: Settings,
+    work: Path,
+    out_json: Path,
+    command: str = "",
+    with_base: bool = True,
+    log=print,
+    compare_report: bool = True,
 ) -> dict:
-    """Every (seed, method) run, interleaved seed by seed; the JSON is rewritten after each run. The base
-    model (adapters disabled) is evaluated once, on the first trainer, when ``with_base``."""
+    """Every (seed, variant) run through bilora-compare (interleaved seed by seed, each run's result kept in
+    its done-marker, so an interrupted benchmark resumes); the JSON is rewritten after each run. The base model
+    (adapters disabled) is evaluated once, on the first run, when ``with_base``."""
+    from bilora_diffusion.compare import gather, run_one, write_report
+
     torch.set_num_threads(s.threads)
     folders = write_data(work, s)
     prompts = prompt_sets(s)
+    cs = compare_settings(s, work, folders, command)
+    extra = toy_eval(s, folders, prompts, with_base)
     report: dict = {"meta": meta(s, command), "base": None, "runs": [], "landscape": {}}
     start = time.perf_counter()
-    for seed in s.seeds:
-        for method in s.methods:
-            trainer, result, wall, cpu = train_one(s, method, seed, folders, work)
-            if with_base and report["base"] is None:
-                report["base"] = evaluate(trainer, s, folders, prompts, base=True)
-                log(f"base model: {brief(report['base'])}")
-            evaluation, eval_wall, eval_cpu = timed(evaluate, trainer, s, folders, prompts)
-            run = {
-                "method": method,
-                "seed": seed,
-                "rho": s.rho.get(method),
-                "steps": result.global_step,
-                "passes": result.global_step * PASSES_PER_STEP[method],
-                "train_wall_s": wall,
-                "train_cpu_s": cpu,
-                "eval_wall_s": eval_wall,
-                "eval_cpu_s": eval_cpu,
-                "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
-                "aux_norm": trainer.optimizer.last_aux_norm,
-                **evaluation,
-            }
-            if s.landscape and seed == s.seeds[0]:
-                report["landscape"][method] = landscape_of(trainer, s)
-            report["runs"].append(run)
-            elapsed = (time.perf_counter() - start) / 60
-            log(
-                f"[{elapsed:5.1f} min] {method} seed {seed}: train {wall:.0f}s, eval {eval_wall:.0f}s; {brief(run)}"
-            )
-            del trainer
-            gc.collect()
-            report["summary"] = summarize(report["runs"], s)
-            report["meta"]["wall_minutes"] = elapsed
-            report["meta"]["cpu_minutes"] = time.process_time() / 60
-            out_json.write_text(json.dumps(report, indent=1))
+    for variant, seed in cs.runs():
+        run = toy_run(run_one(cs, variant, seed, extra, log=log))
+        if run.get("base") is not None:
+            report["base"] = run.pop("base")
+            log(f"base model: {brief(report['base'])}")
+        if run.get("landscape"):
+            report["landscape"][run["method"]] = run.pop("landscape")
+        report["runs"].append(run)
+        elapsed = (time.perf_counter() - start) / 60
+        log(
+            f"[{elapsed:5.1f} min] {run['method']} seed {seed}: train {run['train_wall_s']:.0f}s, "
+            f"eval {run['eval_wall_s']:.0f}s; {brief(run)}"
+        )
+        report["summary"] = summarize(report["runs"], s)
+        report["meta"]["wall_minutes"] = elapsed
+        report["meta"]["cpu_minutes"] = time.process_time() / 60
+        out_json.write_text(json.dumps(report, indent=1))
+    if not compare_report:
+        return report
+    runs, missing = gather(cs)
+    folder = out_json.parent / (out_json.name[: -len(".json")] + "_compare")
+    cols = [("loss_unseen", "held-out loss ↓", "{:.4f}"), ("unseen_both", "held-out both ↑", "{:.3f}")]
+    cols += [("held_in_both", "held-in both", "{:.3f}")]
+    compare = write_report(cs, runs, missing, TOY_KEYS, cols, "bilora-compare on the toy world", folder)
+    report["verdict"] = compare["verdict_text"]
+    out_json.write_text(json.dumps(report, indent=1))
     return report
+
+
+def toy_run(run: dict) -> dict:
+    """A bilora-compare run result in this benchmark's run format (the table's and the figure's input)."""
+    extra = run["extra"]
+    out = {
+        "method": run["label"],
+        "seed": run["seed"],
+        "rho": float(run["overrides"]["rho"]) if "rho" in run["overrides"] else None,
+        "aux_lr": float(run["overrides"]["aux_lr"]) if "aux_lr" in run["overrides"] else None,
+        "steps": run["steps"],
+        "passes": run["passes"],
+        "train_wall_s": run["wall_s"],
+        "train_cpu_s": run["cpu_s"],
+        "eval_wall_s": run["eval_wall_s"],
+        "final_train_loss": run["final_train_loss"],
+        "aux_norm": run["aux_norm"],
+        "loss": extra["loss"],
+        "adherence": extra["adherence"],
+        "sharpness": run["sharpness"],
+    }
+    for key in ("base", "landscape"):
+        if extra.get(key):
+            out[key] = extra[key]
+    return out
 
 
 def brief(ev: dict) -> str:
@@ -359,7 +439,7 @@ def metrics_of(run: dict) -> dict[str, float]:
         out.update({f"{name}_{k}": v for k, v in score.items()})
     for r, v in run.get("sharpness", {}).get("mean", {}).items():
         out[f"sharp_{r}"] = v
-    for key in ("passes", "train_wall_s", "train_cpu_s", "final_train_loss", "aux_norm"):
+    for key in ("steps", "passes", "train_wall_s", "train_cpu_s", "final_train_loss", "aux_norm"):
         if key in run:
             out[key] = run[key]
     return out
@@ -374,10 +454,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(runs: list[dict], s: Settings) -> dict[str, dict[str, list[float]]]:
     """{method: {metric: [mean, std, n]}} over seeds."""
     out = {}
-    for method in s.methods:
-        rows = [metrics_of(r) for r in runs if r["method"] == method]
+    for variant in variants_of(s):
+        rows = [metrics_of(r) for r in runs if r["method"] == variant.label]
         if rows:
-            out[method] = {k: [*mean_std([r[k] for r in rows]), len(rows)] for k in rows[0]}
+            out[variant.label] = {k: [*mean_std([r[k] for r in rows]), len(rows)] for k in rows[0]}
     return out
 
 
@@ -408,7 +488,9 @@ def table(report: dict) -> str:
     for method, stats in report.get("summary", {}).items():
         cells = [_fmt(*stats[k][:2], d, pct) if k in stats else "–" for k, _, d, pct in cols]
         n = stats["passes"][2]
-        steps = int(stats["passes"][0] / PASSES_PER_STEP[method])
+        steps = (
+            int(stats["steps"][0]) if "steps" in stats else int(stats["passes"][0] / PASSES_PER_STEP[method])
+        )
         lines.append(
             f"| {method} (n={n}) | {steps} | {stats['passes'][0]:.0f} | "
             + " | ".join(cells)
@@ -515,6 +597,13 @@ def write_outputs(report: dict, stem: Path) -> None:
         table(report),
         "",
     ]
+    if report.get("verdict"):
+        text += [
+            f"bilora-compare's verdict ([report]({stem.name}_compare/report.md)):",
+            "",
+            *report["verdict"],
+            "",
+        ]
     _at(stem, ".md").write_text("\n".join(text))
     figure(report, _at(stem, ".png"))
     if report.get("landscape"):
@@ -539,6 +628,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sweep_rho", nargs="+", type=float, default=None, help="rho values to sweep (1 seed).")
     p.add_argument("--sweep_methods", nargs="+", choices=METHODS, default=["bilora", "lora-sam", "flat-lora"])
+    p.add_argument(
+        "--aux_lr_grid",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="RHO",
+        help="bilora at each rho x each --aux_lr_factors (x the primary lr) against lora; 3 seeds, GRID budget.",
+    )
+    p.add_argument("--aux_lr_factors", nargs="+", type=float, default=[1.0, 3.0, 10.0])
     p.add_argument("--no_landscape", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine).")
     p.add_argument(
@@ -572,6 +670,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s = replace(s, **QUICK)
     if args.sweep_rho:
         s = replace(s, **SWEEP)
+    if args.aux_lr_grid:
+        s = replace(s, **GRID, methods=["lora"])
     if args.methods:
         s.methods = list(args.methods)
     if args.seeds is not None:
@@ -585,6 +685,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s.rho[method] = float(value)
     if args.no_landscape:
         s.landscape = False
+    for rho in args.aux_lr_grid or []:
+        for factor in args.aux_lr_factors:
+            s.grid[f"bilora rho={rho:g} aux_lr {factor:g}x"] = {
+                "method": "bilora",
+                "rho": rho,
+                "aux_lr": factor * s.lr,
+            }
     return s
 
 
@@ -602,12 +709,17 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work)
     if args.sweep_rho:
         return sweep(s, args, work, out, command(argv))
-    tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
+    tag = (
+        args.tag
+        if args.tag is not None
+        else ("quick" if args.quick else "aux_lr" if args.aux_lr_grid else "")
+    )
     stem = out / ("generalization" + (f"_{tag}" if tag else ""))
     report = run_benchmark(s, work, _at(stem, ".json"), command(argv))
     write_outputs(report, stem)
     print(table(report))
-    print(f"wrote {stem}.json/.md/.png")
+    print("\n".join(report.get("verdict", [])))
+    print(f"wrote {stem}.json/.md/.png and {stem.name}_compare/report.md")
     return report
 
 
@@ -625,7 +737,14 @@ def sweep(s: Settings, args: argparse.Namespace, work: Path, out: Path, cmd: str
     for rho in args.sweep_rho:
         for method in args.sweep_methods:
             sub = replace(s, methods=[method], rho={**s.rho, method: rho})
-            part = run_benchmark(sub, work, stem.with_name(stem.name + "_part.json"), cmd, with_base=False)
+            part = run_benchmark(
+                sub,
+                work,
+                stem.with_name(stem.name + "_part.json"),
+                cmd,
+                with_base=False,
+                compare_report=False,
+            )
             runs += [dict(r, label=f"{method} rho={rho}") for r in part["runs"]]
             report["runs"] = runs
             _at(stem, ".json").write_text(json.dumps(report, indent=1))

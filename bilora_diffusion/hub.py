@@ -35,6 +35,7 @@ KINDS = {
     "sdxl": ("model_index.json", "an SDXL model"),
     "causal-lm": ("config.json", "a model"),
     "vae": ("config.json", "a VAE"),
+    "clip": ("config.json", "a model"),  # scoring models (--validation_clip_model, bilora-score)
 }
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")

@@ -267,8 +267,10 @@ def test_every_config_file_parses(monkeypatch):
     assert files
     for path in files:
         first = path.read_text().splitlines()[0]
-        assert first.startswith("# ") and ("train_sdxl.py" in first or "train_llm.py" in first), path
-        if "train_sdxl.py" in first:
+        assert first.startswith("# ") and any(
+            c in first for c in ("train_sdxl.py", "train_llm.py", "bilora-compare")
+        ), path
+        if "train_sdxl.py" in first or "bilora-compare" in first:
             opts = parse_options(SDXLOptions, ["--config", str(path), "--dataset", "."])
             assert opts.method
 

@@ -116,6 +116,18 @@ class SDXLOptions(TrainOptions):
     num_validation_images: int = opt(4, "Images per validation prompt (fixed seeds).")
     validation_inference_steps: int = opt(25, "Denoising steps of the validation samples.")
     validation_guidance_scale: float = opt(5.0, "Guidance scale of the validation samples.")
+    validation_clip_model: str | None = opt(
+        None,
+        "A CLIP model (Hub id or folder, e.g. openai/clip-vit-large-patch14) that scores every validation "
+        "sample: CLIP I2T (100 x cosine of image and prompt, the paper's metric) and CLIP I2I (mean cosine to "
+        "the training images); samples/scores.json and TensorBoard.",
+        path=True,
+    )
+    validation_dino_model: str | None = opt(
+        None,
+        "With --validation_clip_model: a DINO ViT (e.g. facebook/dino-vits16) for DINO I2I too.",
+        path=True,
+    )
     train_text_encoder: bool = opt(False, "Also train LoRA on both text encoders' attention projections.")
     text_encoder_lr: float | None = opt(
         None, "Learning rate of the text encoders' LoRA; None = learning_rate."
@@ -169,6 +181,12 @@ class SDXLOptions(TrainOptions):
             raise OptionError(f"--max_upscale must be >= 1, got {self.max_upscale}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise OptionError(f"--snr_gamma must be > 0, got {self.snr_gamma}")
+        if (self.validation_clip_model or self.validation_dino_model) and not self.validation_prompt:
+            raise OptionError(
+                "--validation_clip_model scores the validation samples: give --validation_prompt"
+            )
+        if self.validation_dino_model and not self.validation_clip_model:
+            raise OptionError("--validation_dino_model goes with --validation_clip_model")
         if self.num_validation_images < 1:
             raise OptionError("--num_validation_images must be >= 1")
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:

@@ -78,11 +78,15 @@ def _log_image(trainer, tag: str, image: Image.Image, step: int) -> None:
 def save_validation_grid(trainer, step: int) -> Path:
     """samples/step_XXXXXX.png: a row per validation prompt (call under aux_disabled)."""
     o = trainer.opt
-    grid = make_grid(render(trainer, o.validation_prompt, o.num_validation_images))
+    rows = render(trainer, o.validation_prompt, o.num_validation_images)
+    grid = make_grid(rows)
     path = Path(o.output_dir) / "samples" / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     _log_image(trainer, "validation", grid, step)
+    from ..scoring import score_validation
+
+    score_validation(trainer, rows, step)  # --validation_clip_model: samples/scores.json, TensorBoard
     return path
 
 

@@ -22,6 +22,7 @@ from ..data.captions import process_caption
 from ..hub import cast, resolve_base_model
 from ..options import OptionError
 from ..peft_glue import aux_disabled, unwrap
+from ..scoring import check_model
 from ..state import STATE_FILE
 from ..training import (
     RunResult,
@@ -67,7 +68,22 @@ class SDXLTrainer(Trainer):
         if self.opt.with_prior_preservation:
             prior.setup_class_data(self)
         self.setup_caches()
+        self.setup_scorer()
         self.setup_training()
+
+    def setup_scorer(self) -> None:
+        """--validation_clip_model: the scorer of the validation samples, with the training images as the I2I
+        references (main process only; it samples)."""
+        o = self.opt
+        self.scorer = None
+        if o.validation_clip_model and self.accelerator.is_main_process:
+            from ..data import open_image
+            from ..scoring import ClipScorer
+
+            self.scorer = ClipScorer(
+                o.validation_clip_model, o.validation_dino_model, self.accelerator.device
+            )
+            self.scorer.set_references([open_image(record) for record in self.records[:64]])
 
     def check_base_model(self) -> None:
         """A base model (or VAE) that is missing, unreachable, gated or not SDXL stops the run here, after the
@@ -83,6 +99,10 @@ class SDXLTrainer(Trainer):
                 revision=o.revision,
                 flag="--pretrained_vae_model_name_or_path",
             )
+        if o.validation_clip_model:
+            check_model(o.validation_clip_model, "--validation_clip_model")
+        if o.validation_dino_model:
+            check_model(o.validation_dino_model, "--validation_dino_model")
 
     def planned_steps(self) -> tuple[int, int]:
         """(optimizer steps of the run, steps per epoch), as `setup_training` will compute them."""

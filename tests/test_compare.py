@@ -1,0 +1,214 @@
+"""The paper's metric (CLIP I2T / I2I) and bilora-compare, offline on a tiny random CLIP and a tiny SDXL."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+from bilora_diffusion import compare, scoring
+from bilora_diffusion.options import OptionError
+
+
+def save_tiny_clip(path, seed: int = 0) -> str:
+    """A random CLIP (text and vision towers of one layer) with a local tokenizer and image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from bilora_diffusion.sdxl.tiny import local_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = local_clip_tokenizer(("red", "blue", "square", "circle"))
+    text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    text.update(
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
+    )
+    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    vision.update(image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
+
+
+def test_clip_scores_equal_a_hand_computation_on_fixed_embeddings():
+    img = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    txt = torch.tensor([[3.0, 4.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    # cos: 1, -1 (clamped at 0), 2/(2*sqrt(2)) = 1/sqrt(2)
+    assert scoring.clip_i2t(img, txt) == pytest.approx([100.0, 0.0, 100 / math.sqrt(2)])
+    refs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    # image 0: cos 0.6 and 0.8 -> 0.7; image 1: 1 and 0 -> 0.5; image 2: 0 and 1 -> 0.5
+    assert scoring.mean_cosine(img, refs) == pytest.approx([0.7, 0.5, 0.5])
+
+
+def test_scorer_matches_the_formula_on_the_models_own_embeddings(tiny_clip_dir):
+    scorer = scoring.ClipScorer(tiny_clip_dir)
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
+    prompts = ["a red square", "a blue circle"]
+    scorer.set_references([Image.new("RGB", (40, 40), "green")])
+    got = scorer.score(images, prompts)
+    e_img, e_txt = scorer.image_embeds(images), scorer.text_embeds(prompts)
+    cos = torch.nn.functional.cosine_similarity(e_img, e_txt)
+    assert got["clip_i2t"] == pytest.approx([100 * max(float(c), 0.0) for c in cos], abs=1e-4)
+    ref = scorer.image_embeds([Image.new("RGB", (40, 40), "green")])
+    assert got["clip_i2i"] == pytest.approx(
+        [float(c) for c in torch.nn.functional.cosine_similarity(e_img, ref)], abs=1e-5
+    )
+
+
+def test_bilora_score_scores_a_folder_and_a_missing_model_fails_in_one_line(tiny_clip_dir, tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "imgs", n=3)
+    result = scoring.main(
+        ["--images", str(folder), "--clip_model", tiny_clip_dir, "--output", str(tmp_path / "s.json")]
+    )
+    assert len(result["scores"]["clip_i2t"]) == 3 and result["prompts"][0].startswith("a ")
+    assert json.loads((tmp_path / "s.json").read_text())["mean"] == result["mean"]
+    with pytest.raises(SystemExit) as err:
+        scoring.main(["--images", str(folder), "--prompt", "x", "--clip_model", str(tmp_path / "nope")])
+    assert err.value.code == 2 and "--clip_model" in capsys.readouterr().err
+
+
+def test_missing_clip_model_stops_the_trainer_before_models_load(tiny_sdxl_dir, image_folder, tmp_path):
+    from test_train_sdxl import options
+
+    from bilora_diffusion.sdxl.train import SDXLTrainer
+
+    opts = options(
+        tiny_sdxl_dir,
+        image_folder,
+        tmp_path / "o",
+        validation_prompt="a red square",
+        validation_clip_model=str(tmp_path / "missing"),
+    )
+    trainer = SDXLTrainer(opts)
+    with pytest.raises(OptionError, match="--validation_clip_model .*no such folder"):
+        trainer.setup()
+    with pytest.raises(OptionError, match="--validation_prompt"):
+        options(tiny_sdxl_dir, image_folder, tmp_path / "o", validation_clip_model="x")
+
+
+def test_variants_parse(capsys):
+    vs = compare.parse_variants(["lora,bilora", "bilora:rho=0.25:aux_lr=0.01"])
+    assert [v.method for v in vs] == ["lora", "bilora", "bilora"]
+    assert vs[2].overrides == {"rho": "0.25", "aux_lr": "0.01"} and "=" not in vs[2].slug
+    with pytest.raises(OptionError):
+        compare.parse_variants(["lora,lora"])
+    assert compare.parse_shard("1/3") == (1, 3)
+    with pytest.raises(OptionError):
+        compare.parse_shard("3/3")
+    with pytest.raises(SystemExit) as err:
+        compare.main(["--methods", "lora", "--seed", "3"])  # set per run by the compare: exit 2, one line
+    assert err.value.code == 2 and "--seed is set by bilora-compare per run" in capsys.readouterr().err
+
+
+def test_verdict_says_within_noise_and_better():
+    summary = {"lora": {"heldout_loss": [0.10, 0.01, 3]}, "bilora": {"heldout_loss": [0.099, 0.01, 3]}}
+    (v,) = compare.verdicts(summary)
+    assert v["call"] == "within noise"
+    assert "no measurable difference" in compare.verdict_text([v], 3)[0]
+    summary["bilora"]["heldout_loss"] = [0.05, 0.001, 3]
+    (v,) = compare.verdicts(summary)
+    assert v["call"] == "better" and v["t"] < -2
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_equal_batches_report_matches_runs_and_resumes(
+    tiny_sdxl_dir, tiny_clip_dir, tmp_path
+):
+    data = make_image_folder(tmp_path / "data", n=10)
+    out = tmp_path / "compare"
+    argv = ["--methods", "lora,bilora", "--seeds", "2", "--validation_split", "0.2"]
+    argv += ["--validation_clip_model", tiny_clip_dir, "--output_dir", str(out), "--record_batches"]
+    argv += ["--radii", "0.5", "--sharpness_directions", "1"]
+    trainer = ["--pretrained_model_name_or_path", tiny_sdxl_dir, "--dataset", str(data), "--resolution", "64"]
+    trainer += [
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--rho",
+        "0.5",
+    ]
+    trainer += ["--report_to", "none", "--validation_prompt", "a red square", "--num_validation_images", "2"]
+    trainer += [
+        "--validation_inference_steps",
+        "2",
+        "--compare_grid",
+        "false",
+        "--export_format",
+        "diffusers",
+    ]
+
+    # seed 1 is "done" already (a killed compare): its markers are kept and those runs are not trained
+    settings = compare.settings_from(*compare.parse_args(argv + trainer))
+    for label, loss in (("lora", 0.5), ("bilora", 0.6)):
+        done = out / "runs" / f"{label}-s1"
+        done.mkdir(parents=True)
+        fake = {"label": label, "method": label, "seed": 1, "metrics": {"heldout_loss": loss, "wall_s": 1.0}}
+        fake["identity"] = compare.run_identity(settings, compare.parse_variants([label])[0], 1)
+        (done / compare.MARKER).write_text(json.dumps(fake))
+    report = compare.main(argv + trainer)
+
+    assert not (done / "training_config.yaml").exists()  # skipped, not retrained
+    runs = {(r["label"], r["seed"]): r for r in report["runs"]}
+    assert set(runs) == {("lora", 0), ("bilora", 0), ("lora", 1), ("bilora", 1)} and not report["missing"]
+
+    # identical batches and noise, step by step, for both methods at the same seed
+    def digests(label, seed):
+        lines = (out / "runs" / f"{label}-s{seed}" / "batch_hashes.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    assert digests("lora", 0) == digests("bilora", 0) and len(digests("lora", 0)) == 2
+    assert len({d for step in digests("lora", 0) for d in step["digests"]}) == 2  # two different batches
+
+    # the report's numbers are the runs' own: held-out loss, CLIP scores (samples/scores.json), sharpness
+    for label in ("lora", "bilora"):
+        run = runs[(label, 0)]
+        scores = json.loads((out / "runs" / f"{label}-s0" / "samples" / "scores.json").read_text())
+        assert [e["step"] for e in scores] == [0, 2]  # step 0 (base) and the final samples
+        assert run["metrics"]["clip_i2t"] == scores[-1]["clip_i2t"]
+        assert run["metrics"]["clip_i2i"] == scores[-1]["clip_i2i"]
+        assert 0 <= scores[-1]["clip_i2t"] <= 100
+        assert run["metrics"]["heldout_loss"] == run["val_losses"][-1][1] and math.isfinite(
+            run["heldout_loss"]
+        )
+        assert run["metrics"]["sharp_0.5"] == run["sharpness"]["mean"]["0.5"]
+        assert run["peak_memory_mb"] > 0 and run["wall_s"] > 0
+    assert (
+        scores[0]["clip_i2t"]
+        == json.loads((out / "runs" / "lora-s0" / "samples" / "scores.json").read_text())[0]["clip_i2t"]
+    )  # step 0 samples are the base model's: the same for both methods
+    lora = report["summary"]["lora"]["heldout_loss"]
+    assert lora[0] == pytest.approx((runs[("lora", 0)]["heldout_loss"] + 0.5) / 2) and lora[2] == 2
+    md = (out / "report.md").read_text()
+    assert "## Verdict" in md and "bilora vs lora" in md
+    assert (out / "report.png").is_file() and json.loads((out / "report.json").read_text())["summary"]
+
+    # gathering again changes nothing; a changed run (another --max_train_steps) is not taken as done
+    again = compare.main(argv + trainer + ["--report_only"])
+    assert again["summary"] == report["summary"]
+    changed = compare.settings_from(*compare.parse_args(argv + trainer + ["--max_train_steps", "3"]))
+    assert compare.marker_of(changed, settings.variants[0], 0) is None
+    assert compare.marker_of(settings, settings.variants[0], 0)["seed"] == 0
+
+
+def test_paper_compare_preset_opens_with_its_command_and_parses_for_every_method():
+    path = Path(__file__).resolve().parent.parent / "configs" / "sdxl_paper_compare.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# bilora-compare --config configs/sdxl_paper_compare.yaml")
+    args = ["--config", str(path), "--dataset", ".", "--methods", "lora,bilora", "--validation_split", "0.2"]
+    args += ["--validation_clip_model", "openai/clip-vit-large-patch14"]
+    s = compare.settings_from(*compare.parse_args(args))
+    opts = [compare.trainer_options(s, v, 0) for v in s.variants]
+    assert [o.method for o in opts] == ["lora", "bilora"] and all(o.validation_prompt for o in opts)
+    assert opts[1].rho == 0.05 and opts[0].output_dir != opts[1].output_dir
