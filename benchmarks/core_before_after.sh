@@ -15,7 +15,7 @@ tree=$(mktemp -d)
 git worktree add -q --detach "$tree" "$BEFORE"
 trap 'git worktree remove --force "$tree"' EXIT
 runs=(
-  "small|--model sdxl-topology-small --steps 20 --warmup 3"
+  "small|--model sdxl-topology-small --steps 30 --warmup 3"
   "shallow|--model sdxl-widths-shallow --resolution 512 --steps 8 --warmup 2"
 )
 for run in "${runs[@]}"; do
