@@ -50,6 +50,23 @@ class SampleGeometry:
     resized: tuple[int, int]
     original: tuple[int, int]
 
+    def crop(
+        self, latent: torch.Tensor, factor: int, center: bool, generator: torch.Generator
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The bucket-sized crop of this sample's cached latent [C, H, W] (centred, or drawn from
+        ``generator``), and SDXL's micro-conditioning for it: [orig h, orig w, crop top, crop left, bucket h,
+        bucket w] in pixels."""
+        bw, bh = self.bucket[0] // factor, self.bucket[1] // factor
+        room_y, room_x = latent.shape[1] - bh, latent.shape[2] - bw
+        if center:
+            top, left = room_y // 2, room_x // 2
+        else:
+            top = int(torch.randint(0, room_y + 1, (), generator=generator))
+            left = int(torch.randint(0, room_x + 1, (), generator=generator))
+        w, h = self.original
+        time_ids = [h, w, top * factor, left * factor, self.bucket[1], self.bucket[0]]
+        return latent[:, top : top + bh, left : left + bw], time_ids
+
 
 def plan_geometry(
     records: list[Record], resolution: int, bucketing: bool, max_upscale: float, factor: int = 8

@@ -228,17 +228,9 @@ def class_samples(trainer, indices: list[int], epoch: int) -> tuple[list, list, 
         j, plan = trainer.class_entries[e]
         g = seeded(o.seed, epoch, -1 - e)  # never an instance sample's generator (those are >= 0)
         flip = o.random_flip and bool(torch.rand((), generator=g) < 0.5)
-        latent = trainer.class_latents.get(e, flip)
-        bw, bh = plan.bucket[0] // f, plan.bucket[1] // f
-        room_y, room_x = latent.shape[1] - bh, latent.shape[2] - bw
-        if o.center_crop:
-            top, left = room_y // 2, room_x // 2
-        else:
-            top = int(torch.randint(0, room_y + 1, (), generator=g))
-            left = int(torch.randint(0, room_x + 1, (), generator=g))
-        latents.append(latent[:, top : top + bh, left : left + bw])
-        w, h = plan.original
-        time_ids.append([h, w, top * f, left * f, plan.bucket[1], plan.bucket[0]])
+        latent, ids = plan.crop(trainer.class_latents.get(e, flip), f, o.center_crop, g)
+        latents.append(latent)
+        time_ids.append(ids)
         captions.append(trainer.class_records[j].caption)
         keys.append(trainer.class_records[j].key)
     return latents, time_ids, captions, keys

@@ -392,17 +392,9 @@ class SDXLTrainer(Trainer):
             flip = o.random_flip and bool(torch.rand((), generator=g) < 0.5)
             drop = o.caption_dropout > 0 and bool(torch.rand((), generator=g) < o.caption_dropout)
             plan = self.plans[i]
-            latent = self.latents.get(i, flip)
-            bw, bh = plan.bucket[0] // self.f, plan.bucket[1] // self.f
-            room_y, room_x = latent.shape[1] - bh, latent.shape[2] - bw
-            if o.center_crop:
-                top, left = room_y // 2, room_x // 2
-            else:
-                top = int(torch.randint(0, room_y + 1, (), generator=g))
-                left = int(torch.randint(0, room_x + 1, (), generator=g))
-            latents.append(latent[:, top : top + bh, left : left + bw])
-            w, h = plan.original
-            time_ids.append([h, w, top * self.f, left * self.f, plan.bucket[1], plan.bucket[0]])
+            latent, ids = plan.crop(self.latents.get(i, flip), self.f, o.center_crop, g)
+            latents.append(latent)
+            time_ids.append(ids)
             captions.append("" if drop else self.caption(i, epoch))
         keys = [self.records[i].key for i in indices]
         if self.class_records:  # prior preservation: [instance samples; their class companions]
