@@ -64,6 +64,25 @@ def test_scorer_matches_the_formula_on_the_models_own_embeddings(tiny_clip_dir):
     )
 
 
+def test_dino_i2i_is_the_mean_cosine_of_cls_embeddings(tiny_clip_dir, tmp_path):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    dino = tmp_path / "dino"
+    vit = ViTConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    vit.update(dict(image_size=32, patch_size=8))
+    ViTModel(vit, add_pooling_layer=False).save_pretrained(dino)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino)
+    scorer = scoring.ClipScorer(tiny_clip_dir, str(dino))
+    refs = [Image.new("RGB", (40, 40), c) for c in ("green", "white")]
+    scorer.set_references(refs)
+    images = [Image.new("RGB", (40, 40), "red")]
+    got = scorer.score(images, ["a red square"])["dino_i2i"]
+    e, r = scorer.dino_embeds(images), scorer.dino_embeds(refs)
+    cos = torch.nn.functional.cosine_similarity(e, r)
+    assert got == pytest.approx([float(cos.mean())], abs=1e-5)
+
+
 def test_bilora_score_scores_a_folder_and_a_missing_model_fails_in_one_line(tiny_clip_dir, tmp_path, capsys):
     folder = make_image_folder(tmp_path / "imgs", n=3)
     result = scoring.main(
