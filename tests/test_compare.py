@@ -166,6 +166,8 @@ def test_compare_end_to_end_equal_batches_report_matches_runs_and_resumes(
         "false",
         "--export_format",
         "diffusers",
+        "--checkpointing_steps",
+        "1",
     ]
 
     # seed 1 is "done" already (a killed compare): its markers are kept and those runs are not trained
@@ -213,9 +215,16 @@ def test_compare_end_to_end_equal_batches_report_matches_runs_and_resumes(
     assert "## Verdict" in md and "bilora vs lora" in md
     assert (out / "report.png").is_file() and json.loads((out / "report.json").read_text())["summary"]
 
+    # a run killed after its checkpoint (no marker yet) resumes from it instead of starting over
+    (out / "runs" / "lora-s0" / compare.MARKER).unlink()
+    resumed = {(r["label"], r["seed"]): r for r in compare.main(argv + trainer)["runs"]}
+    assert resumed[("lora", 0)]["resumed_at_step"] == 1 and resumed[("lora", 0)]["steps"] == 2
+    assert resumed[("bilora", 0)]["wall_s"] == runs[("bilora", 0)]["wall_s"]  # finished: not run again
+    assert resumed[("lora", 0)]["heldout_loss"] == pytest.approx(runs[("lora", 0)]["heldout_loss"], abs=1e-6)
+
     # gathering again changes nothing; a changed run (another --max_train_steps) is not taken as done
     again = compare.main(argv + trainer + ["--report_only"])
-    assert again["summary"] == report["summary"]
+    assert again["runs"] == compare.gather(settings)[0] and not again["missing"]
     changed = compare.settings_from(*compare.parse_args(argv + trainer + ["--max_train_steps", "3"]))
     assert compare.marker_of(changed, settings.variants[0], 0) is None
     assert compare.marker_of(settings, settings.variants[0], 0)["seed"] == 0
