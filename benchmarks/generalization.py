@@ -445,14 +445,10 @@ def metrics_of(run: dict) -> dict[str, float]:
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
-
-
 def summarize(runs: list[dict], s: Settings) -> dict[str, dict[str, list[float]]]:
     """{method: {metric: [mean, std, n]}} over seeds."""
+    from bilora_diffusion.compare import mean_std
+
     out = {}
     for variant in variants_of(s):
         rows = [metrics_of(r) for r in runs if r["method"] == variant.label]
