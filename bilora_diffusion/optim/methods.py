@@ -33,8 +33,6 @@ class Method:
     """Plain LoRA: one pass (the closure, or gradients the caller computed), the primary branch descends."""
 
     name = "lora"
-    aux = False
-    """Whether the method trains an auxiliary branch."""
     ascends = False
     """Whether the auxiliary branch steps along +gradient."""
     needs_closure = False
@@ -48,11 +46,11 @@ class Method:
 
 
 class BiLoRA(Method):
-    name, aux, ascends = "bilora", True, True
+    name, ascends = "bilora", True
 
 
 class DualDescent(Method):
-    name, aux = "dual-descent", True
+    name = "dual-descent"
 
 
 class LoRASAM(Method):

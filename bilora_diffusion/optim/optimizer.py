@@ -103,13 +103,17 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
         self.defaults.update(self.inner.defaults)
         self.last_grad_norms: dict[str, float] = {}
         self.last_aux_norm = 0.0
-        self._kinds = {(p.device, p.dtype) for g in self.param_groups for p in g["params"]}
+        self._kinds = [
+            (g["params"][0].device, g["params"][0].dtype) for g in self.param_groups if g["params"]
+        ]
+        """Each group's device and dtype (of its first tensor, as the flat update checks them): a change means
+        the model was moved or cast after building."""
 
-    def _flat_group(self, index: int, params: list | None = None) -> FlatGroup:
+    def _flat_group(self, index: int) -> FlatGroup:
         """A group's flat layout: the aux group in blocks of its pairs (the clip reads them as blocks), the
         primary group in blocks too under the two-branch methods (tagged, so its fingerprint never equals the
         parameter-order layout's; fixed by the method, so checkpoints resume whatever the forward)."""
-        params = self._group_params[index] if params is None else params
+        params = self._group_params[index]
         if self.param_groups[index][ROLE] == "aux":
             return FlatGroup(params, self._aux_pairs)
         if self._aux_pairs:
@@ -161,7 +165,7 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
     def _follow_casts(self) -> None:
         """Per-tensor update: a model moved or cast after the optimizer took steps gets its state moved along
         (torch's optimizers would fail on the mismatch; the flat update does the same in `FlatGroup.load`)."""
-        kinds = {(p.device, p.dtype) for g in self.param_groups for p in g["params"]}
+        kinds = [(g["params"][0].device, g["params"][0].dtype) for g in self.param_groups if g["params"]]
         if kinds == self._kinds:
             return
         fused = any(g.get("fused") or g.get("capturable") for g in self.param_groups)
