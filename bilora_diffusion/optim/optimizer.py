@@ -21,8 +21,9 @@ from collections.abc import Callable
 import torch
 
 from ..config import AUX, PRIMARY, BiLoRAConfig, ConfigError
-from ..core import block_sq_norms, clip_factors, clip_grad_norms_, clipped_norm
+from ..core import blocks_sq_norms, clip_factors, clip_grad_norms_, clipped_norm
 from ..peft_glue import ModelOrModels, branch_pairs, models_of, pair_sq_norms
+from ..sharding import check_placements, shard_reduce
 from . import state_layout
 from .flat import FLAT_OPTIMIZERS, FlatGroup, flat_ok
 from .methods import make_method
@@ -71,6 +72,17 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 group["maximize"] = True
             group.setdefault(STEP_KEY, 0)
         super().__init__(param_groups, {"lr": optimizer_kwargs.get("lr", 1e-3)})
+        self._reduce = shard_reduce(p for g in self.param_groups for p in g["params"])
+        """Sum over the ranks holding shards (FSDP): the norms of the step are reduced with it."""
+        self._rank = 0
+        if self._reduce is not None:
+            check_placements(self.models)
+            self._rank = torch.distributed.get_rank()
+            if flat is False or not flat_ok(optimizer_cls, self.param_groups):
+                raise ConfigError(
+                    f"sharded (FSDP) training steps each rank's shards of the adapters with an elementwise "
+                    f"optimizer ({', '.join(c.__name__ for c in FLAT_OPTIMIZERS)}); got {optimizer_cls.__name__}"
+                )
         if flat is None:
             flat = flat_ok(optimizer_cls, self.param_groups)
         elif flat and not flat_ok(optimizer_cls, self.param_groups):
@@ -180,9 +192,11 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
 
     def _tensor_update(self) -> None:
         self._follow_casts()
-        roles = {role: self.role_params(role) for role in ("primary", "aux")}
-        self.last_grad_norms = clip_grad_norms_(roles, self.max_grad_norm)
-        self._inner_step([p.grad for p in roles["aux"] if p.grad is not None])
+        grads = {
+            role: [p.grad for p in self.role_params(role) if p.grad is not None] for role in ("primary", "aux")
+        }
+        self.last_grad_norms = clip_grad_norms_(grads, self.max_grad_norm)
+        self._inner_step(grads["aux"])
         if not self._aux_pairs:
             return
         sq = pair_sq_norms(self._aux_pairs)
@@ -200,19 +214,22 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
             inner.update(_hyper(group))  # lr set by a scheduler, step count
         states = [self.inner.state.get(fg.flat, {}) for fg in self._flat]
         loaded = [fg.load(state) for fg, state in zip(self._flat, states)]
-        roles = {role: [] for role in ("primary", "aux")}
+        grads = {role: [] for role in ("primary", "aux")}
         for group, fg, has in zip(self.param_groups, self._flat, loaded):
             if has:
-                roles[group[ROLE]].append(fg.flat)
-        self.last_grad_norms = clip_grad_norms_(roles, self.max_grad_norm)
+                grads[group[ROLE]].append(fg.flat.grad)
+        self.last_grad_norms = clip_grad_norms_(grads, self.max_grad_norm, self._reduce)
         saved = [fg.save_missing(state) for fg, state in zip(self._flat, states)]
-        self._inner_step([v.grad for v in roles["aux"]])
+        self._inner_step(grads["aux"])
         for fg, kept in zip(self._flat, saved):
             fg.restore_missing(kept)
         aux = [fg for fg, group in zip(self._flat, self.param_groups) if group[ROLE] == "aux"]
         if aux:
             blocks = [block for fg in aux for block in fg.block_views()]
-            sq = torch.cat([block_sq_norms(a, b, s) for a, b, s in blocks])
+            if self._reduce is None:
+                sq = blocks_sq_norms(blocks)
+            else:
+                sq = blocks_sq_norms([b for fg in aux for b in fg.gram_blocks(self._rank)], self._reduce)
             factors = clip_factors(sq, self.config.rho, self.config.clip)
             offset = 0
             for a, b, _ in blocks:

@@ -42,8 +42,8 @@ def state_from_tensors(fg: FlatGroup, states: list[dict]) -> dict:
             out[key] = value
         elif torch.is_tensor(value):
             pieces = [
-                (states[i].get(key, torch.zeros_like(p))).reshape(-1).to(value)
-                for i, p in zip(fg.order, fg.params)
+                (states[i].get(key, torch.zeros(shape))).reshape(-1).to(value)
+                for i, shape in zip(fg.order, fg.shapes)
             ]
             out[key] = torch.cat(pieces)
     return out
@@ -54,8 +54,8 @@ def state_to_tensors(fg: FlatGroup, state: dict) -> list[dict]:
     out: list[dict] = [{} for _ in fg.params]
     for key, value in state.items():
         if torch.is_tensor(value) and value.dim() == 1 and value.numel() == fg.total:
-            for i, piece, p in zip(fg.order, value.split(fg.numels), fg.params):
-                out[i][key] = piece.view(p.shape).clone()
+            for i, piece, shape in zip(fg.order, value.split(fg.numels), fg.shapes):
+                out[i][key] = piece.view(shape).clone()
         else:
             for i in fg.order:
                 out[i][key] = value.clone() if torch.is_tensor(value) else value

@@ -1,0 +1,109 @@
+"""Run by tests/test_sharding.py: `torchrun --nproc_per_node 2 tests/fsdp_core.py OUT METHOD`.
+
+One model sharded with FSDP2 over the ranks (gloo, CPU) against the same model in one process, every method:
+each rank trains on its half of the batch, the reference on the whole batch. Shapes are chosen so the shards
+are uneven and one rank holds no rows of some adapter factor (a Linear with one output). Rank 0 writes
+OUT/fsdp_core_<method>.json with the largest differences it found.
+"""
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bilora_diffusion import BiLoRAConfig, attach_bilora, build_optimizer
+from bilora_diffusion.sharding import apply_fsdp, full_tensor, local
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_mid: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_mid, 3, padding=1)
+        self.proj = nn.Linear(c_mid, c_out)
+        self.head = nn.Linear(c_out, 1)  # B of the head is [1, r]: rank 1 holds none of it
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).mean(dim=(2, 3))
+        return self.head(torch.tanh(self.proj(h)))
+
+
+class Toy(nn.Module):
+    _no_split_modules = ["Block"]
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(3, 5, 3)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def randomize(model: nn.Module, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def main() -> None:
+    out, method = Path(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    config = BiLoRAConfig(
+        rank=1, alpha=3.0, aux_rank=2, aux_alpha=5.0, target_modules=["conv", "proj", "head"], rho=0.05
+    ).for_method(method)
+    reference = attach_bilora(Toy().double(), config)
+    randomize(reference)
+    model = copy.deepcopy(reference)
+    apply_fsdp(model)
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(4, 3, 6, 6, generator=gen).double(), torch.randn(4, 1, generator=gen).double()) for _ in range(4)]
+    kwargs = dict(method=method, lr=0.05, max_grad_norm=0.5, total_steps=4, seed=3, weight_decay=0.01)
+    opt_ref = build_optimizer(reference, config, **kwargs)
+    opt = build_optimizer(model, config, **kwargs)
+    report = {"params": 0.0, "aux_norm": [], "grad_norms": 0.0, "losses": 0.0}
+    for x, y in batches:
+        def closure_ref():
+            loss = nn.functional.mse_loss(reference(x), y)
+            loss.backward()
+            return loss.detach()
+
+        part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+
+        def closure():
+            loss = nn.functional.mse_loss(model(x[part]), y[part])
+            loss.backward()
+            return loss.detach()
+
+        loss_ref = opt_ref.step(closure_ref)
+        opt_ref.zero_grad()
+        loss = opt.step(closure)
+        opt.zero_grad()
+        mean = loss.clone()
+        dist.all_reduce(mean)
+        report["losses"] = max(report["losses"], abs(float(mean) / world - float(loss_ref)))
+        report["aux_norm"].append((opt.last_aux_norm, opt_ref.last_aux_norm))
+        for role, value in opt_ref.last_grad_norms.items():
+            report["grad_norms"] = max(report["grad_norms"], abs(opt.last_grad_norms[role] - value))
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        whole = full_tensor(p.detach())
+        report["params"] = max(report["params"], float((whole - ref_params[name].detach()).abs().max()))
+    report["local_numels"] = {n: local(p).numel() for n, p in model.named_parameters() if "head.lora_B" in n}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, report)
+    if rank == 0:
+        (out / f"fsdp_core_{method}.json").write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
