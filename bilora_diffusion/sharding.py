@@ -82,7 +82,8 @@ def check_placements(models: ModelOrModels) -> None:
         for name in layer.lora_A:
             for param, dims in ((layer.lora_A[name].weight, (0, 1)), (layer.lora_B[name].weight, (0,))):
                 if isinstance(param, DTensor) and any(
-                    not isinstance(pl, Replicate) and pl not in [Shard(d) for d in dims] for pl in param.placements
+                    not isinstance(pl, Replicate) and pl not in [Shard(d) for d in dims]
+                    for pl in param.placements
                 ):
                     raise ValueError(
                         f"adapter tensor of shape {tuple(param.shape)} is sharded as {param.placements}; "
@@ -121,7 +122,9 @@ def local_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     communication (every rank holds ``full``)."""
     if not isinstance(param, DTensor):
         return full
-    sharded = distribute_tensor(full.to(local(param).device), param.device_mesh, param.placements, src_data_rank=None)
+    sharded = distribute_tensor(
+        full.to(local(param).device), param.device_mesh, param.placements, src_data_rank=None
+    )
     return sharded.to_local()
 
 

@@ -48,7 +48,10 @@ class FlatGroup:
         self.block_shapes: dict[tuple, tuple[tuple, tuple]] = {}
         for pair in pairs:
             if id(pair.A_param) in index and id(pair.B_param) in index:
-                key = (_rows_by_rest(pair.A_param, pair.embedding), _rows_by_rest(pair.B_param, pair.embedding))
+                key = (
+                    _rows_by_rest(pair.A_param, pair.embedding),
+                    _rows_by_rest(pair.B_param, pair.embedding),
+                )
                 self.by_shape.setdefault(key, []).append(pair)
                 self.block_shapes[key] = (
                     _rows_by_rest(local(pair.A_param), pair.embedding),
@@ -70,7 +73,10 @@ class FlatGroup:
         self.sq_scales = [
             torch.tensor([q.scale**2 for q in group], dtype=torch.float64) for group in self.by_shape.values()
         ]
-        self.flat = torch.empty(0)
+        first = local(self.params[0]) if self.params else torch.empty(0)
+        # the adapters' device and dtype from the start: a state loaded before the first step is cast to them
+        # (torch casts it to the parameter's), not to float32 on the CPU
+        self.flat = torch.empty(0, device=first.device, dtype=first.dtype)
         self.views: list[torch.Tensor] = []
         self.has_grad: list[bool] = []
         self.missing: list[int] = []
@@ -158,7 +164,6 @@ class FlatGroup:
             offset += n * (a_size + b_size)
         return out
 
-
     def gram_blocks(self, rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """`block_views` for the sharded Gram norms (`core.blocks_sq_norms` with a reduce): every local Gram
         must be a partial sum over the ranks. It is where A is split along its input dimension; a block whose A
@@ -168,7 +173,9 @@ class FlatGroup:
         for (a, b, sq), group in zip(self.block_views(), self.by_shape.values()):
             param = group[0].A_param
             if getattr(param, "placements", None) and param.placements[0].is_shard(0):
-                whole = torch.stack([whole_rows(piece.view(local(q.A_param).shape), q.A_param) for piece, q in zip(a, group)])
+                whole = torch.stack(
+                    [whole_rows(piece.view(local(q.A_param).shape), q.A_param) for piece, q in zip(a, group)]
+                )
                 a = whole.reshape(len(group), whole.shape[1], -1)
                 a = a if rank == 0 else torch.zeros_like(a)
             out.append((a, b, sq))

@@ -120,7 +120,9 @@ class FlatLoRA(Method):
                 sigma = f_t * opt.config.rho / math.sqrt(merged.shape[1]) * merged.norm(dim=1, keepdim=True)
                 gen = self._generator(weight.device, opt.seed * 1_000_003 + t)
                 # the whole weight's noise, then this rank's rows: the same draw as one process makes
-                noise = torch.randn(param.shape[0], merged.shape[1], generator=gen, device=weight.device)[rows]
+                noise = torch.randn(param.shape[0], merged.shape[1], generator=gen, device=weight.device)[
+                    rows
+                ]
                 saved.append((weight, weight.detach().clone()))
                 weight.add_((noise * sigma).reshape(weight.shape).to(weight.dtype))
         try:

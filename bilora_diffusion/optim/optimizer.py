@@ -23,7 +23,7 @@ import torch
 from ..config import AUX, PRIMARY, BiLoRAConfig, ConfigError
 from ..core import blocks_sq_norms, clip_factors, clip_grad_norms_, clipped_norm
 from ..peft_glue import ModelOrModels, branch_pairs, models_of, pair_sq_norms
-from ..sharding import check_placements, shard_reduce
+from ..sharding import check_placements, full_tensor, global_view, local, local_like, shard_reduce
 from . import state_layout
 from .flat import FLAT_OPTIMIZERS, FlatGroup, flat_ok
 from .methods import make_method
@@ -193,7 +193,8 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
     def _tensor_update(self) -> None:
         self._follow_casts()
         grads = {
-            role: [p.grad for p in self.role_params(role) if p.grad is not None] for role in ("primary", "aux")
+            role: [p.grad for p in self.role_params(role) if p.grad is not None]
+            for role in ("primary", "aux")
         }
         self.last_grad_norms = clip_grad_norms_(grads, self.max_grad_norm)
         self._inner_step(grads["aux"])
@@ -248,11 +249,33 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 inner.update(_hyper(group))
         return self.inner.state_dict()
 
+    def full_state_dict(self) -> dict:
+        """`state_dict` with whole tensors: under sharding (FSDP) the per-tensor layout a one-process run would
+        save, gathered from every rank (a collective: every rank must call it); else `state_dict`. Loads into
+        an optimizer of any number of ranks, sharded or not."""
+        state_dict = self.state_dict()
+        if self._reduce is None:
+            return state_dict
+        state_dict = state_layout.to_tensors(state_dict, self._flat, self._group_params)
+        params = [p for group in self._group_params for p in group]
+        state = {
+            pid: {
+                k: full_tensor(global_view(v, params[pid])) if _shaped_like(v, params[pid]) else v
+                for k, v in st.items()
+            }
+            for pid, st in sorted(state_dict["state"].items())
+        }
+        return {**state_dict, "state": state}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads state saved by either update (`optim.state_layout`), converted into this optimizer's."""
+        """Loads state saved by either update (`optim.state_layout`), converted into this optimizer's; under
+        sharding, also whole-tensor state (`full_state_dict`, or a one-process run's), cut to this rank's
+        shards."""
         groups = state_dict.get("param_groups", [])
         if len(groups) == len(self.param_groups):
             state_layout.check_tensor_state(state_dict, self._group_params)
+            if self._reduce is not None:
+                state_dict = state_layout.localize(state_dict, self._group_params, local_like)
             if self._flat is not None:
                 state_dict = state_layout.to_flat(state_dict, self._flat, self._group_params)
             elif any(g.get(FLAT_KEY, False) for g in groups):
@@ -282,6 +305,10 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 "the flat update cannot add param groups: build_optimizer(..., flat=False)"
             )
         super().add_param_group(param_group)
+
+
+def _shaped_like(value, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == local(param).shape and value.dim() > 0
 
 
 def _hyper(group: dict) -> dict:

@@ -130,3 +130,20 @@ def to_tensors(state_dict: dict, layouts: list[FlatGroup], group_params: list[li
         next_id += len(ids)
         groups.append({**group, "params": ids, FLAT_KEY: False})
     return {**state_dict, "state": new_state, "param_groups": groups}
+
+
+def localize(state_dict: dict, group_params: list[list[torch.Tensor]], cut) -> dict:
+    """Per-tensor groups whose state holds whole tensors (shaped like their parameter's global shape) cut to
+    this rank's shards by ``cut(whole, param)``; flat groups (already local) and scalars as they are."""
+    state = state_dict.get("state", {})
+    new_state = dict(state)
+    for group, mine in zip(state_dict["param_groups"], group_params):
+        if group.get(FLAT_KEY, False):
+            continue
+        for pid, param in zip(group["params"], mine):
+            if pid in state:
+                new_state[pid] = {
+                    k: cut(v, param) if torch.is_tensor(v) and v.dim() > 0 and v.shape == param.shape else v
+                    for k, v in state[pid].items()
+                }
+    return {**state_dict, "state": new_state}
