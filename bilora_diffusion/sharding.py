@@ -22,7 +22,8 @@ that is already sharded alone, so the same call serves accelerate's FSDP configs
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -158,3 +159,52 @@ def whole_rows(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def models_sharded(models: ModelOrModels) -> bool:
     return any(is_sharded(m.parameters()) for m in models_of(models))
+
+
+@contextlib.contextmanager
+def whole_adapters(models: ModelOrModels) -> Iterator[None]:
+    """Within this context every sharded trainable tensor (the adapters) is a whole, plain parameter on every
+    rank, so PEFT's, diffusers' and the exporters' state-dict code reads and loads them as in one process; on
+    exit each rank keeps its shard of the (possibly loaded) values. A collective: every rank must enter it.
+    No forward may run inside (FSDP would swap its own parameters back in)."""
+    swapped = []
+    for model in models_of(models):
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if isinstance(param, DTensor) and param.requires_grad:
+                    whole = nn.Parameter(param.full_tensor().detach().clone())
+                    module._parameters[name] = whole
+                    swapped.append((module, name, param, whole))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, param, whole in swapped:
+                local(param).copy_(local_like(whole.detach(), param))
+                module._parameters[name] = param
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Gradients accumulate unreduced on each rank until the context exits (FSDP2's
+    ``set_requires_gradient_sync``; the reduce-scatter then runs once, on the last micro-batch)."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def fsdp_kwargs(plugin) -> dict:
+    """``fully_shard`` settings from accelerate's FSDP plugin (reshard after forward, mixed precision, CPU
+    offload), as accelerate's own FSDP2 preparation passes them; {} without a plugin."""
+    if plugin is None:
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
+
+    offload = plugin.cpu_offload
+    return {
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        "offload_policy": offload if isinstance(offload, OffloadPolicy) else OffloadPolicy(),
+    }

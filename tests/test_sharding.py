@@ -91,3 +91,136 @@ def test_resumed_state_keeps_the_adapters_dtype():
     )
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# -- the trainers under FSDP ----------------------------------------------------------------------------------
+from safetensors.torch import load_file  # noqa: E402
+
+from bilora_diffusion.llm.tiny import save_tiny_llama  # noqa: E402
+from bilora_diffusion.peft_glue import LoraPair  # noqa: E402
+from bilora_diffusion.state import STATE_FILE, read_bilora_state  # noqa: E402
+
+SUMS = [(2, 3), (4, 5), (10, 7), (1, 1), (6, 2), (3, 9), (8, 8), (5, 1)]
+
+
+@pytest.fixture(scope="module")
+def llm_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp-llm")
+    rows = [{"prompt": f"what is {a} plus {b} ?", "response": f"{a} plus {b} gives {a + b}"} for a, b in SUMS]
+    (root / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return save_tiny_llama(root / "model"), root / "sums.jsonl"
+
+
+def llm_args(setup, out, *extra) -> list[str]:
+    model, data = setup
+    return [
+        "--model", str(model), "--dataset", str(data), "--output_dir", str(out), "--report_to", "none",
+        "--learning_rate", "1e-2", "--max_train_steps", "6", "--checkpointing_steps", "3", "--seed", "1",
+        "--max_grad_norm", "0.5", *extra,
+    ]  # fmt: skip
+
+
+def one_process(args: list[str], *, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "train_llm.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def adapters(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def aux_norm_of(folder: Path, rho: float) -> float:
+    tensors, configs, _ = read_bilora_state(folder / STATE_FILE)
+    aux = tensors["model"]["bilora_aux"]
+    scale = configs["model"].aux_alpha / configs["model"].aux_rank
+    sq = 0.0
+    for key, a in aux.items():
+        if ".lora_A." in key:
+            b = aux[key.replace(".lora_A.", ".lora_B.")]
+            sq += float((scale * b.double() @ a.double()).square().sum())
+    return sq**0.5
+
+
+@pytest.mark.slow
+def test_llm_fsdp_two_processes_equal_one_process_and_resume(llm_setup, tmp_path):
+    """train_llm.py: two sharded processes (torchrun, --fsdp) give the adapters of one process with the same
+    global batch; the run log names FSDP; the aux clip holds globally. A run killed (-9) after its checkpoint
+    resumes, sharded optimizer state, to the uninterrupted run's adapters; the whole-state checkpoint of a
+    sharded run resumes in ONE process and also ends there."""
+    single = one_process(
+        llm_args(llm_setup, tmp_path / "one", "--train_batch_size", "2", "--gradient_accumulation_steps", "2")
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = torchrun(
+        "../train_llm.py",
+        *llm_args(llm_setup, tmp_path / "fsdp", "--train_batch_size", "2", "--fsdp"),
+        port=29542,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "distributed: FSDP2 (fully_shard) over 2 processes" in sharded.stderr
+    reference = adapters(tmp_path / "one")
+    # Not bitwise (DDP is, here): the Gram matrices and gradient norms are sums of per-rank pieces, so their
+    # last bits differ, and AdamW turns last-bit changes of near-zero gradient entries into up to ~1e-4 after
+    # six steps at lr 1e-2 (values ~0.2). A wrong clip or a missing reduction moves entries by ~lr. The exact
+    # (float64, 1e-16) agreement of every method is test_sharded_step_equals_one_process_for_every_method.
+    assert_close(adapters(tmp_path / "fsdp"), reference, atol=2e-4)
+    assert aux_norm_of(tmp_path / "fsdp", 0.05) == pytest.approx(
+        aux_norm_of(tmp_path / "one", 0.05), rel=1e-4
+    )
+    assert aux_norm_of(tmp_path / "fsdp", 0.05) <= 0.05 * (1 + 1e-5)
+
+    # kill -9 right after step 4 (checkpoint-3 written with per-rank optimizer shards), then resume
+    killed_args = llm_args(
+        llm_setup, tmp_path / "killed", "--train_batch_size", "2", "--fsdp", "--fsdp_state_dict", "sharded"
+    )
+    env_fault = {"FAULT_TRAINER": "llm"}
+    os.environ.update(env_fault)
+    try:
+        killed = torchrun("fault_run.py", "step", "4", *killed_args, port=29543)
+    finally:
+        os.environ.pop("FAULT_TRAINER")
+    assert killed.returncode != 0
+    ckpt = tmp_path / "killed" / "checkpoint-3"
+    assert sorted(p.name for p in ckpt.glob("optimizer*")) == [
+        "optimizer-rank0-of-2.pt",
+        "optimizer-rank1-of-2.pt",
+    ]
+    resumed = torchrun("../train_llm.py", *killed_args, "--resume_from_checkpoint", "latest", port=29544)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close(adapters(tmp_path / "killed"), adapters(tmp_path / "fsdp"), atol=1e-6)
+
+    # the sharded run's whole-state checkpoint, resumed in one process
+    one = one_process(
+        llm_args(
+            llm_setup, tmp_path / "fsdp", "--train_batch_size", "2", "--gradient_accumulation_steps", "2"
+        )
+        + [
+            "--resume_from_checkpoint",
+            str(tmp_path / "fsdp" / "checkpoint-3"),
+            "--output_dir",
+            str(tmp_path / "back"),
+        ]
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_close(adapters(tmp_path / "back"), reference, atol=2e-4)
+    # a sharded optimizer state refuses another number of processes, naming both
+    refused = one_process(
+        llm_args(
+            llm_setup,
+            tmp_path / "killed",
+            "--train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--resume_from_checkpoint",
+            str(ckpt),
+        )
+    )
+    assert refused.returncode == 2 and "sharded over 2 processes, this run has 1" in refused.stderr
