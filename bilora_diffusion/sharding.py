@@ -107,10 +107,28 @@ def apply_fsdp(model: nn.Module, classes: Iterable[str] | None = None, **fsdp_kw
 
     mesh = fsdp_kwargs.get("mesh")
     placement = adapter_placement(model, mesh.size() if mesh is not None else dist.get_world_size())
-    for unit in shard_units(model, classes):
-        fully_shard(unit, shard_placement_fn=placement, **fsdp_kwargs)
-    fully_shard(model, shard_placement_fn=placement, **fsdp_kwargs)
+    with _output_capture_kept(model):
+        for unit in shard_units(model, classes):
+            fully_shard(unit, shard_placement_fn=placement, **fsdp_kwargs)
+        fully_shard(model, shard_placement_fn=placement, **fsdp_kwargs)
     return model
+
+
+@contextlib.contextmanager
+def _output_capture_kept(model: nn.Module) -> Iterator[None]:
+    """transformers 5 finds which outputs a model can record (``output_hidden_states``: SDXL's penultimate CLIP
+    layer) in a registry keyed by the model's class name; ``fully_shard`` swaps the class for ``FSDP<Name>``, so
+    a sharded CLIP text encoder returned no hidden states. Register the sharded classes under the same entries."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers 4: outputs are returned by the model code itself
+        yield
+        return
+    flags = {m: _CAN_RECORD_REGISTRY.get(m) for m in model.modules()}
+    yield
+    for module, entry in flags.items():
+        if entry:
+            _CAN_RECORD_REGISTRY[module] = entry
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

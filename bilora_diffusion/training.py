@@ -304,7 +304,7 @@ class RunResult:
 
 SHARDABLE_OPTIMIZERS = ("adamw", "sgd")
 """Optimizers whose update is elementwise: under FSDP each rank steps its own shards."""
-MAIN_ONLY_FORWARD = ("validation_prompt", "eval_accuracy", "compare_grid")
+MAIN_ONLY_FORWARD = ("validation_prompt", "eval_accuracy")
 """Options that run the model on the main process alone (sampling, generation), which FSDP cannot: every rank
 takes part in every forward of a sharded model."""
 

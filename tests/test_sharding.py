@@ -224,3 +224,98 @@ def test_llm_fsdp_two_processes_equal_one_process_and_resume(llm_setup, tmp_path
         )
     )
     assert refused.returncode == 2 and "sharded over 2 processes, this run has 1" in refused.stderr
+
+
+@pytest.mark.slow
+def test_sdxl_fsdp_two_processes_equal_one_process(tiny_sdxl_dir, image_folder, tmp_path):
+    """train_sdxl.py --fsdp on two processes (UNet and both text encoders sharded) exports the diffusers and
+    kohya LoRA files of one process with the same global batch (batch 1 x 2 accumulation)."""
+    common = [
+        "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset", str(image_folder), "--resolution", "64",
+        "--train_batch_size", "1", "--max_train_steps", "3", "--report_to", "none", "--learning_rate", "1e-3",
+        "--save_dtype", "fp32", "--rho", "0.01", "--train_text_encoder",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "train_sdxl.py"), *common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = torchrun(
+        "../train_sdxl.py", *common, "--fsdp", "--output_dir", str(tmp_path / "fsdp"), port=29545
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "distributed: FSDP2 (fully_shard) over 2 processes" in sharded.stderr
+    for name in ("pytorch_lora_weights.safetensors", "bilora_sdxl.safetensors"):
+        a, b = load_file(str(tmp_path / "fsdp" / name)), load_file(str(tmp_path / "one" / name))
+        assert any("text_encoder" in k or "lora_te" in k for k in a)
+        assert_close(a, b, atol=1e-5)
+
+
+# -- what FSDP refuses, in one line ----------------------------------------------------------------------------
+from types import SimpleNamespace  # noqa: E402
+
+from accelerate.utils import DistributedType  # noqa: E402
+
+from bilora_diffusion.llm.options import LLMOptions  # noqa: E402
+from bilora_diffusion.options import OptionError, parse_options  # noqa: E402
+from bilora_diffusion.sdxl.options import SDXLOptions  # noqa: E402
+from bilora_diffusion.training import distributed_mode  # noqa: E402
+
+
+def fake_accelerator(kind, processes=2, fsdp_version=2):
+    plugin = SimpleNamespace(fsdp_version=fsdp_version)
+    return SimpleNamespace(
+        distributed_type=kind, num_processes=processes, state=SimpleNamespace(fsdp_plugin=plugin)
+    )
+
+
+def llm_options(*extra):
+    return parse_options(LLMOptions, ["--model", "m", "--dataset", "d.jsonl", *extra])
+
+
+@pytest.mark.parametrize(
+    "kind, processes, argv, mode",
+    [
+        (DistributedType.NO, 1, [], "single"),
+        (DistributedType.MULTI_CPU, 2, [], "ddp"),
+        (DistributedType.MULTI_GPU, 2, [], "ddp"),
+        (DistributedType.MULTI_CPU, 2, ["--fsdp"], "fsdp"),
+        (DistributedType.FSDP, 2, [], "fsdp"),  # accelerate's FSDP config: sharded without --fsdp
+        (DistributedType.FSDP, 2, ["--optimizer", "sgd"], "fsdp"),
+    ],
+)
+def test_distributed_mode(kind, processes, argv, mode):
+    assert distributed_mode(llm_options(*argv), fake_accelerator(kind, processes)) == mode
+
+
+@pytest.mark.parametrize(
+    "kind, processes, argv, version, message",
+    [
+        (DistributedType.DEEPSPEED, 2, [], 2, "DeepSpeed is not supported"),
+        (DistributedType.FSDP, 2, [], 1, "fsdp_version: 2"),
+        (DistributedType.NO, 1, ["--fsdp"], 2, "--fsdp shards over several processes"),
+        (DistributedType.FSDP, 2, ["--optimizer", "adafactor"], 2, "--optimizer adafactor under FSDP"),
+        (DistributedType.MULTI_CPU, 2, ["--fsdp", "--eval_accuracy", "--eval_dataset", "e.jsonl"], 2, "--eval_accuracy under FSDP"),
+    ],
+)
+def test_distributed_mode_refusals(kind, processes, argv, version, message):
+    with pytest.raises(OptionError, match=message):
+        distributed_mode(llm_options(*argv), fake_accelerator(kind, processes, version))
+
+
+def test_fsdp_refuses_validation_sampling_and_one_process_from_the_command_line(tiny_sdxl_dir, image_folder):
+    """Through the real entry point: exit 2, one line naming the option, before any model loads."""
+    sdxl = parse_options(
+        SDXLOptions, ["--dataset", str(image_folder), "--fsdp", "--validation_prompt", "a cat"]
+    )
+    with pytest.raises(OptionError, match="--validation_prompt under FSDP"):
+        distributed_mode(sdxl, fake_accelerator(DistributedType.MULTI_CPU))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "train_sdxl.py"), "--pretrained_model_name_or_path", str(tiny_sdxl_dir)]
+    proc = subprocess.run(
+        [*cmd, "--dataset", str(image_folder), "--fsdp", "--report_to", "none"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp shards over several processes")
