@@ -296,7 +296,13 @@ def test_distributed_mode(kind, processes, argv, mode):
         (DistributedType.FSDP, 2, [], 1, "fsdp_version: 2"),
         (DistributedType.NO, 1, ["--fsdp"], 2, "--fsdp shards over several processes"),
         (DistributedType.FSDP, 2, ["--optimizer", "adafactor"], 2, "--optimizer adafactor under FSDP"),
-        (DistributedType.MULTI_CPU, 2, ["--fsdp", "--eval_accuracy", "--eval_dataset", "e.jsonl"], 2, "--eval_accuracy under FSDP"),
+        (
+            DistributedType.MULTI_CPU,
+            2,
+            ["--fsdp", "--eval_accuracy", "--eval_dataset", "e.jsonl"],
+            2,
+            "--eval_accuracy under FSDP",
+        ),
     ],
 )
 def test_distributed_mode_refusals(kind, processes, argv, version, message):
@@ -319,3 +325,24 @@ def test_fsdp_refuses_validation_sampling_and_one_process_from_the_command_line(
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp shards over several processes")
+
+
+def test_shipped_accelerate_configs_parse_and_give_fsdp2_settings():
+    """configs/accelerate_{ddp,fsdp}.yaml load with accelerate's own reader; the FSDP one makes an FSDP2 plugin
+    whose settings `fsdp_kwargs` hands to fully_shard."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import OffloadPolicy
+
+    from bilora_diffusion.sharding import fsdp_kwargs
+
+    ddp = load_config_from_file(str(ROOT / "configs" / "accelerate_ddp.yaml"))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU
+    fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate_fsdp.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP
+    kw = {k.removeprefix("fsdp_"): v for k, v in fsdp.fsdp_config.items()}
+    kw["fsdp_version"], kw["cpu_offload"] = kw.pop("version"), kw.pop("offload_params")
+    plugin = FullyShardedDataParallelPlugin(**kw)
+    assert plugin.fsdp_version == 2
+    settings = fsdp_kwargs(plugin)
+    assert settings["reshard_after_forward"] is True and type(settings["offload_policy"]) is OffloadPolicy
