@@ -222,7 +222,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], br
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], branch: str) -> None:
     """``state`` (PEFT key names: the parameter names without ``.<branch>``) copied into the parameters."""
     params = {
-        name.replace(f".{branch}.", ".", 1): p for name, p in model.named_parameters() if f".{branch}." in name
+        name.replace(f".{branch}.", ".", 1): p
+        for name, p in model.named_parameters()
+        if f".{branch}." in name
     }
     unexpected = sorted(set(state) - set(params))
     if unexpected:

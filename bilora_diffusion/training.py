@@ -327,7 +327,13 @@ def distributed_mode(options: TrainOptions, accelerator: Accelerator) -> str:
     elif not options.fsdp:
         return "ddp" if accelerator.num_processes > 1 else "single"
     elif accelerator.num_processes == 1:
-        raise OptionError("--fsdp shards over several processes: start them with torchrun or accelerate launch")
+        raise OptionError(
+            "--fsdp shards over several processes: start them with torchrun or accelerate launch"
+        )
+    if getattr(accelerator, "mixed_precision", None) == "fp16":
+        raise OptionError(
+            "--mixed_precision fp16 under FSDP: its loss scaler would skip steps on one rank only; use bf16"
+        )
     if options.optimizer_name not in SHARDABLE_OPTIMIZERS:
         raise OptionError(
             f"--optimizer {options.optimizer_name} under FSDP: each rank steps only its shards, which is exact "

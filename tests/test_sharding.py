@@ -310,6 +310,16 @@ def test_distributed_mode_refusals(kind, processes, argv, version, message):
         distributed_mode(llm_options(*argv), fake_accelerator(kind, processes, version))
 
 
+def test_fsdp_refuses_fp16():
+    accelerator = fake_accelerator(DistributedType.FSDP, mixed_precision="fp16")
+    with pytest.raises(OptionError, match="fp16 under FSDP.*use bf16"):
+        distributed_mode(llm_options(), accelerator)
+    assert (
+        distributed_mode(llm_options(), fake_accelerator(DistributedType.FSDP, mixed_precision="bf16"))
+        == "fsdp"
+    )
+
+
 def test_fsdp_refuses_validation_sampling_and_one_process_from_the_command_line(tiny_sdxl_dir, image_folder):
     """Through the real entry point: exit 2, one line naming the option, before any model loads."""
     sdxl = parse_options(
