@@ -97,7 +97,6 @@ def test_resumed_state_keeps_the_adapters_dtype():
 from safetensors.torch import load_file  # noqa: E402
 
 from bilora_diffusion.llm.tiny import save_tiny_llama  # noqa: E402
-from bilora_diffusion.peft_glue import LoraPair  # noqa: E402
 from bilora_diffusion.state import STATE_FILE, read_bilora_state  # noqa: E402
 
 SUMS = [(2, 3), (4, 5), (10, 7), (1, 1), (6, 2), (3, 9), (8, 8), (5, 1)]
@@ -263,10 +262,13 @@ from bilora_diffusion.sdxl.options import SDXLOptions  # noqa: E402
 from bilora_diffusion.training import distributed_mode  # noqa: E402
 
 
-def fake_accelerator(kind, processes=2, fsdp_version=2):
+def fake_accelerator(kind, processes=2, fsdp_version=2, mixed_precision="no"):
     plugin = SimpleNamespace(fsdp_version=fsdp_version)
     return SimpleNamespace(
-        distributed_type=kind, num_processes=processes, state=SimpleNamespace(fsdp_plugin=plugin)
+        distributed_type=kind,
+        num_processes=processes,
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision=mixed_precision,
     )
 
 
