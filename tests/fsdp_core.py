@@ -40,7 +40,7 @@ class Toy(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.block = Block(3, 5, 3)
+        self.block = Block(4, 6, 3)  # A of conv, proj split on their inputs; head's (3 inputs) on its rank
 
     def forward(self, x):
         return self.block(x)
@@ -65,7 +65,7 @@ def run(method: str, rank: int, world: int) -> dict:
     apply_fsdp(model)
     gen = torch.Generator().manual_seed(7)
     batches = [
-        (torch.randn(4, 3, 6, 6, generator=gen).double(), torch.randn(4, 1, generator=gen).double())
+        (torch.randn(4, 4, 6, 6, generator=gen).double(), torch.randn(4, 1, generator=gen).double())
         for _ in range(4)
     ]
     kwargs = dict(method=method, lr=0.05, max_grad_norm=0.5, total_steps=4, seed=3, weight_decay=0.01)
@@ -98,6 +98,7 @@ def run(method: str, rank: int, world: int) -> dict:
             report["grad_norms"] = max(report["grad_norms"], abs(opt.last_grad_norms[role] - value))
     report["params"] = max_param_diff(model, reference)
     report["local_numels"] = {n: local(p).numel() for n, p in model.named_parameters() if "head.lora_B" in n}
+    report["a_placements"] = {n: str(p.placements[0]) for n, p in model.named_parameters() if "lora_A" in n}
     # the gathered state is the reference's per-tensor state
     full = opt.full_state_dict()
     ref_state = to_tensors(opt_ref.state_dict(), opt_ref._flat, opt_ref._group_params)["state"]

@@ -46,6 +46,16 @@ def test_sharded_step_equals_one_process_for_every_method(tmp_path):
     assert set(reports) == set(METHODS)
     for method, ranks in reports.items():
         assert ranks[1]["local_numels"]["block.head.lora_B.default.weight"] == 0  # an empty shard
+        placements = ranks[0]["a_placements"]  # both Gram paths: partial sums, and the gathered A
+        assert (
+            placements[
+                "block.proj.lora_A.bilora_aux.weight"
+                if method in ("bilora", "dual-descent")
+                else "block.proj.lora_A.default.weight"
+            ]
+            == "S(1)"
+        )
+        assert placements["block.head.lora_A.default.weight"] == "S(0)"
         for r in ranks:
             assert r["params"] < 1e-12, method
             assert r["grad_norms"] < 1e-12 and r["losses"] < 1e-12, method
@@ -70,7 +80,7 @@ def test_resumed_state_keeps_the_adapters_dtype():
     randomize(model)
     kwargs = dict(method="bilora", lr=0.05, max_grad_norm=0.5, weight_decay=0.01)
     opt = build_optimizer(model, config, **kwargs)
-    x, y = torch.randn(4, 3, 6, 6).double(), torch.randn(4, 1).double()
+    x, y = torch.randn(4, 4, 6, 6).double(), torch.randn(4, 1).double()
 
     def step(m, o):
         o.zero_grad()
