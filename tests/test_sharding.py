@@ -47,14 +47,7 @@ def test_sharded_step_equals_one_process_for_every_method(tmp_path):
     for method, ranks in reports.items():
         assert ranks[1]["local_numels"]["block.head.lora_B.default.weight"] == 0  # an empty shard
         placements = ranks[0]["a_placements"]  # both Gram paths: partial sums, and the gathered A
-        assert (
-            placements[
-                "block.proj.lora_A.bilora_aux.weight"
-                if method in ("bilora", "dual-descent")
-                else "block.proj.lora_A.default.weight"
-            ]
-            == "S(1)"
-        )
+        assert placements["block.proj.lora_A.default.weight"] == "S(1)"
         assert placements["block.head.lora_A.default.weight"] == "S(0)"
         for r in ranks:
             assert r["params"] < 1e-12, method
