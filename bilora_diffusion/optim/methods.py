@@ -1,7 +1,7 @@
 """The training methods as small strategies: what each does around the optimizer's update.
 
 Every method's step is "forward/backward pass(es), then the update" (`BiLoRAOptimizer.step`). A method decides
-the passes and which branches exist and in which direction they move; the update (`optim.update`) is shared:
+the passes and which branches exist and in which direction they move; the update (`BiLoRAOptimizer`'s, `optim.optimizer`) is shared:
 
 - ``lora``: one pass, the primary branch descends.
 - ``bilora``: one pass, the primary descends and the auxiliary ascends, then the aux clip (the paper).

@@ -1,5 +1,6 @@
-"""Optimizer state between its two layouts: one entry per tensor (the per-tensor update, and checkpoints from
-before the flat update) and one entry per param group (the flat update's vector, `FlatGroup`).
+"""Optimizer state between its two layouts: one entry per tensor (the per-tensor update; whole tensors gathered
+from every rank under FSDP, `BiLoRAOptimizer.full_state_dict`) and one entry per param group (the flat update's
+vector, `FlatGroup`).
 
 `BiLoRAOptimizer.load_state_dict` converts whichever layout was saved into its own, so a run resumes whichever
 way it was saved; state saved for other adapters (another rank, other target modules) is refused with a
