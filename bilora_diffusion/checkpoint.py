@@ -3,6 +3,7 @@
 ``output_dir/checkpoint-<step>/`` holds
 - ``bilora_adapters.safetensors``: both branches of every trained component (`state.save_bilora_state`);
 - ``optimizer.pt`` / ``scheduler.pt``: state dicts of tensors and numbers only (loaded with weights_only=True);
+  under FSDP with ``--fsdp_state_dict sharded``, ``optimizer-rank<k>-of-<n>.pt`` instead: each rank's shard;
 - ``rng.pt``: torch CPU/CUDA generator states;
 - ``training_config.yaml``: the resolved options;
 - ``trainer_state.json``: step, data position and what the run was (method, rank, base model) — written last.
@@ -36,6 +37,11 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "training_config.yaml"
 MIN_FREE_BYTES = 64 * 2**20
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def optimizer_shard_name(rank: int, world: int) -> str:
+    return f"optimizer-rank{rank}-of-{world}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -94,8 +100,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     options_yaml: str,
     total_limit: int | None = None,
+    optimizer_state: dict | None = None,
+    rank_files: list[Path] = (),
 ) -> Path:
-    """Write checkpoint-<step> atomically, then rotate old ones down to ``total_limit``."""
+    """Write checkpoint-<step> atomically, then rotate old ones down to ``total_limit``. ``optimizer_state``
+    replaces ``optimizer.state_dict()`` (e.g. gathered from every rank); ``rank_files`` (each rank's optimizer
+    shard, already written) are moved in instead of an ``optimizer.pt``."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     check_free_space(root, _estimate_bytes(components))
@@ -103,7 +113,11 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
     try:
         save_bilora_state(tmp / STATE_FILE, components, configs)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if rank_files:
+            for file in rank_files:
+                shutil.move(str(file), tmp / Path(file).name)
+        else:
+            torch.save(optimizer_state or optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -134,14 +148,17 @@ def load_checkpoint(
     components: dict[str, nn.Module],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Any]:
-    """Restore adapters, optimizer, scheduler and RNG; returns the trainer state (step, data position)."""
+    """Restore adapters, optimizer, scheduler and RNG; returns the trainer state (step, data position).
+    Optimizer state is ``optimizer.pt`` (whole tensors; any number of processes) or this rank's shard."""
     path = Path(path)
     try:
         load_bilora_state(path / STATE_FILE, components)
     except ValueError as err:
         raise CheckpointError(f"--resume_from_checkpoint {path}: {err}") from err
-    optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+    optimizer.load_state_dict(safe_torch_load(optimizer_file(path, rank, world)))
     scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
     rng = safe_torch_load(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
@@ -149,6 +166,22 @@ def load_checkpoint(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def optimizer_file(path: Path, rank: int, world: int) -> Path:
+    """The optimizer state a rank resumes from: the whole state, or its own shard of a sharded one."""
+    if (path / OPTIMIZER_FILE).is_file():
+        return path / OPTIMIZER_FILE
+    shards = sorted(path.glob("optimizer-rank*-of-*.pt"))
+    mine = path / optimizer_shard_name(rank, world)
+    if shards and not mine.is_file():
+        saved = re.search(r"-of-(\d+)\.pt$", shards[0].name).group(1)
+        raise CheckpointError(
+            f"--resume_from_checkpoint {path}: its optimizer state is sharded over {saved} processes, this run "
+            f"has {world}; resume with {saved} processes (checkpoints written with --fsdp_state_dict full "
+            "resume on any number)"
+        )
+    return mine if shards else path / OPTIMIZER_FILE
 
 
 def safe_torch_load(path: Path) -> Any:

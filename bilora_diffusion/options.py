@@ -303,6 +303,17 @@ class TrainOptions:
     resume_from_checkpoint: str | None = opt(
         None, "'latest' or a checkpoint folder to continue from.", path=True
     )
+    fsdp: bool = opt(
+        False,
+        "Shard the trained models over the processes with FSDP2 (fully_shard), e.g. under torchrun on CPUs; "
+        "on by itself under an accelerate FSDP config (configs/accelerate_fsdp.yaml).",
+    )
+    fsdp_state_dict: str = opt(
+        "full",
+        "Optimizer state in checkpoints under FSDP: 'full' (whole tensors, one file: resumes on any number "
+        "of processes) or 'sharded' (one file per process: resumes on the same number).",
+        choices=("full", "sharded"),
+    )
     report_to: str = opt("tensorboard", "Tracker for scalars and images ('tensorboard' or 'none').")
     logging_dir: str = opt("logs", "TensorBoard folder, relative to output_dir.")
     dataloader_num_workers: int = opt(0, "Worker processes that decode images while caching.")

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from .config import AUX, PRIMARY, BiLoRAConfig
 from .core import block_sq_norms
@@ -208,7 +209,26 @@ def primary_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], branch: str = PRIMARY) -> None:
     """Load one branch's tensors (PEFT key names) into an attached model; every key must match."""
-    result = set_peft_model_state_dict(unwrap(model), state, adapter_name=branch)
+    target = unwrap(model)
+    if any(isinstance(m, FSDPModule) for m in target.modules()):
+        _copy_into(target, state, branch)  # FSDP's load_state_dict hooks expect its sharded parameters
+        return
+    result = set_peft_model_state_dict(target, state, adapter_name=branch)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{len(unexpected)} adapter keys match no module, e.g. {unexpected[:3]}")
+
+
+def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], branch: str) -> None:
+    """``state`` (PEFT key names: the parameter names without ``.<branch>``) copied into the parameters."""
+    params = {
+        name.replace(f".{branch}.", ".", 1): p
+        for name, p in model.named_parameters()
+        if f".{branch}." in name
+    }
+    unexpected = sorted(set(state) - set(params))
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} adapter keys match no module, e.g. {unexpected[:3]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)

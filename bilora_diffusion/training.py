@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,
+    optimizer_shard_name,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -32,6 +34,7 @@ from .config import BiLoRAConfig
 from .optim import BiLoRAOptimizer, build_optimizer
 from .options import OPTIMIZER_PACKAGES, OptionError, TrainOptions, to_yaml
 from .peft_glue import unwrap
+from .sharding import apply_fsdp, fsdp_kwargs, no_sync, whole_adapters
 from .state import STATE_FILE, save_bilora_state
 
 logger = logging.getLogger(__name__)
@@ -171,11 +174,18 @@ class MethodStep:
     step through the GradScaler (which refuses closures).
     """
 
-    def __init__(self, accelerator: Accelerator, optimizer: BiLoRAOptimizer, models: Sequence[nn.Module]):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        optimizer: BiLoRAOptimizer,
+        models: Sequence[nn.Module],
+        sharded: bool = False,
+    ):
         self.accelerator = accelerator
         self.optimizer = optimizer
         self.models = list(models)
         self.scaler = accelerator.scaler if accelerator.mixed_precision == "fp16" else None
+        self.no_sync = no_sync if sharded else accelerator.no_sync
 
     def _passes(
         self, loss_fn: Callable[[Any], torch.Tensor], micro_batches: list, keys: Callable
@@ -187,7 +197,7 @@ class MethodStep:
             with contextlib.ExitStack() as stack:
                 if not last:
                     for model in self.models:
-                        stack.enter_context(self.accelerator.no_sync(model))
+                        stack.enter_context(self.no_sync(model))
                 loss = loss_fn(mb)
                 if not torch.isfinite(loss.detach()):
                     raise NonFiniteLoss(keys(mb))
@@ -292,6 +302,52 @@ class RunResult:
     skipped_steps: int
 
 
+SHARDABLE_OPTIMIZERS = ("adamw", "sgd")
+"""Optimizers whose update is elementwise: under FSDP each rank steps its own shards."""
+MAIN_ONLY_FORWARD = ("validation_prompt", "eval_accuracy")
+"""Options that run the model on the main process alone (sampling, generation), which FSDP cannot: every rank
+takes part in every forward of a sharded model."""
+
+
+def distributed_mode(options: TrainOptions, accelerator: Accelerator) -> str:
+    """How the run is spread: "single", "ddp" (accelerate's DDP / MULTI_CPU) or "fsdp" (FSDP2, applied by
+    `sharding.apply_fsdp`: under an accelerate FSDP config, or ``--fsdp`` with several processes, e.g.
+    torchrun on CPUs where accelerate ignores FSDP settings). Refuses what it cannot run correctly."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise OptionError(
+            "DeepSpeed is not supported (its ZeRO partitioning would split the adapters without the Bi-LoRA clip "
+            "seeing whole norms): use FSDP (accelerate launch --config_file configs/accelerate_fsdp.yaml) or DDP"
+        )
+    if kind == DistributedType.FSDP:
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise OptionError("FSDP: set fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
+    elif not options.fsdp:
+        return "ddp" if accelerator.num_processes > 1 else "single"
+    elif accelerator.num_processes == 1:
+        raise OptionError(
+            "--fsdp shards over several processes: start them with torchrun or accelerate launch"
+        )
+    if getattr(accelerator, "mixed_precision", None) == "fp16":
+        raise OptionError(
+            "--mixed_precision fp16 under FSDP: its loss scaler would skip steps on one rank only; use bf16"
+        )
+    if options.optimizer_name not in SHARDABLE_OPTIMIZERS:
+        raise OptionError(
+            f"--optimizer {options.optimizer_name} under FSDP: each rank steps only its shards, which is exact "
+            f"for elementwise optimizers only ({', '.join(SHARDABLE_OPTIMIZERS)})"
+        )
+    on = [f"--{name}" for name in MAIN_ONLY_FORWARD if getattr(options, name, None)]
+    if on:
+        raise OptionError(
+            f"{', '.join(on)} under FSDP: sampling and generation run on one process, a sharded model needs all; "
+            "sample the exported LoRA after training instead"
+        )
+    return "fsdp"
+
+
 def preflight_resume(options: TrainOptions, identity: dict) -> None:
     """A checkpoint made with another method, rank or base model is refused before any model loads."""
     if not options.resume_from_checkpoint:
@@ -321,6 +377,8 @@ class Trainer:
         set_seed(options.seed)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
+        self.mode = distributed_mode(options, self.accelerator)
+        self.sharded = self.mode == "fsdp"
         self.trained: dict[str, nn.Module] = {}
         self.configs: dict[str, BiLoRAConfig] = {}
         self.global_step = 0
@@ -367,22 +425,47 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup_optimization(self, model_lrs: list[tuple[str, float]], steps_in_epoch: int) -> None:
-        """Optimizer and schedule over the trained models, accelerate's wrapping (DDP), then the resume."""
+        """Sharding (FSDP) or accelerate's wrapping (DDP), optimizer and schedule over the trained models, then
+        the resume."""
         o, acc = self.opt, self.accelerator
         self.steps_per_epoch = steps_in_epoch
         self.total_steps = o.max_train_steps or o.num_train_epochs * steps_in_epoch
+        if self.sharded:  # before the optimizer, which steps the shards
+            plugin = getattr(acc.state, "fsdp_plugin", None)
+            for model in self.trained.values():
+                apply_fsdp(unwrap(model).to(acc.device), **fsdp_kwargs(plugin))
         first = next(iter(self.configs.values()))
         pairs = [(self.trained[name], lr) for name, lr in model_lrs]
         self.optimizer = make_optimizer(o, pairs, first, self.total_steps, self.world)
         self.scheduler = make_scheduler(o, self.optimizer, self.total_steps)
-        prepared = acc.prepare(*self.trained.values())
-        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-        self.models = dict(zip(self.trained, prepared))
-        self.step_fn = MethodStep(acc, self.optimizer, list(self.models.values()))
+        if self.sharded:
+            self.models = dict(self.trained)  # accelerate would wrap them in DDP on CPUs
+        else:
+            prepared = acc.prepare(*self.trained.values())
+            prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+            self.models = dict(zip(self.trained, prepared))
+        if acc.is_main_process:
+            logger.info("distributed: %s", self.describe_mode())
+        self.step_fn = MethodStep(acc, self.optimizer, list(self.models.values()), self.sharded)
         if o.resume_from_checkpoint:
             self.resume(o.resume_from_checkpoint)
         if acc.is_main_process:
             acc.init_trackers(self.project, config={k: str(v) for k, v in vars(o).items()})
+
+    def describe_mode(self) -> str:
+        """The distributed mode the run really uses, for its start-of-run log."""
+        if self.mode == "fsdp":
+            return (
+                f"FSDP2 (fully_shard) over {self.world} processes ({self.accelerator.distributed_type.value}), "
+                f"optimizer state in checkpoints: {self.opt.fsdp_state_dict}"
+            )
+        if self.mode == "ddp":
+            return f"DDP over {self.world} processes ({self.accelerator.distributed_type.value})"
+        return f"one process ({self.accelerator.device})"
+
+    def whole(self):
+        """`sharding.whole_adapters` over the trained models under FSDP (every rank enters), else nothing."""
+        return whole_adapters(list(self.trained.values())) if self.sharded else contextlib.nullcontext()
 
     def resume(self, spec: str) -> None:
         path = resolve_checkpoint(spec, self.output_dir)
@@ -391,7 +474,8 @@ class Trainer:
                 "--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", self.output_dir
             )
             return
-        state = load_checkpoint(path, self.trained, self.optimizer, self.scheduler)
+        with self.whole():
+            state = load_checkpoint(path, self.trained, self.optimizer, self.scheduler, self.rank, self.world)
         check_compatible(state, self.checkpoint_identity(self.opt), path)
         self.global_step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.global_step)
@@ -434,38 +518,55 @@ class Trainer:
     # -- saving ---------------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         acc = self.accelerator
-        if acc.is_main_process:
-            trainer_state = {
-                **self.checkpoint_identity(self.opt),
-                "epoch": self.global_step // self.steps_per_epoch,
-            }
-            try:
-                save_checkpoint(
-                    self.output_dir,
-                    self.global_step,
-                    self.trained,
-                    self.configs,
-                    self.optimizer,
-                    self.scheduler,
-                    trainer_state,
-                    to_yaml(self.opt),
-                    self.opt.checkpoints_total_limit,
-                )
-            except CheckpointError as err:
-                logger.error("%s", err)
-        acc.wait_for_everyone()
+        optimizer_state, rank_files = None, []
+        if self.sharded and self.opt.fsdp_state_dict == "sharded":  # each rank writes its shard first
+            shards = self.output_dir / f".optimizer-shards-{self.global_step}"
+            shards.mkdir(parents=True, exist_ok=True)
+            torch.save(self.optimizer.state_dict(), shards / optimizer_shard_name(self.rank, self.world))
+            rank_files = [shards / optimizer_shard_name(r, self.world) for r in range(self.world)]
+            acc.wait_for_everyone()
+        elif self.sharded:
+            optimizer_state = self.optimizer.full_state_dict()  # gathered on every rank
+        with self.whole():
+            if acc.is_main_process:
+                trainer_state = {
+                    **self.checkpoint_identity(self.opt),
+                    "epoch": self.global_step // self.steps_per_epoch,
+                    "world_size": self.world,
+                }
+                try:
+                    save_checkpoint(
+                        self.output_dir,
+                        self.global_step,
+                        self.trained,
+                        self.configs,
+                        self.optimizer,
+                        self.scheduler,
+                        trainer_state,
+                        to_yaml(self.opt),
+                        self.opt.checkpoints_total_limit,
+                        optimizer_state,
+                        rank_files,
+                    )
+                except CheckpointError as err:
+                    logger.error("%s", err)
+                finally:
+                    if rank_files:
+                        shutil.rmtree(rank_files[0].parent, ignore_errors=True)
+            acc.wait_for_everyone()
 
     def finish(self) -> None:
         """The full Bi-LoRA state, the resolved options, then the subclass's outputs (main process only)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            components = {name: unwrap(m) for name, m in self.trained.items()}
-            save_bilora_state(
-                self.output_dir / STATE_FILE, components, self.configs, {"step": str(self.global_step)}
-            )
-            (self.output_dir / CONFIG_FILE).write_text(to_yaml(self.opt))
-            self.save_outputs()
-        acc.wait_for_everyone()
+        with self.whole():  # under FSDP: the adapters whole on every rank while the main process writes
+            if acc.is_main_process:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                components = {name: unwrap(m) for name, m in self.trained.items()}
+                save_bilora_state(
+                    self.output_dir / STATE_FILE, components, self.configs, {"step": str(self.global_step)}
+                )
+                (self.output_dir / CONFIG_FILE).write_text(to_yaml(self.opt))
+                self.save_outputs()
+            acc.wait_for_everyone()
         acc.end_training()

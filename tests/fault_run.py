@@ -1,4 +1,5 @@
-"""Run by tests/test_faults.py in a subprocess: the SDXL trainer with a kill -9 injected.
+"""Run by tests/test_faults.py (and tests/test_sharding.py under torchrun) in a subprocess: a trainer with a
+kill -9 injected. The SDXL trainer, or the LLM one with FAULT_TRAINER=llm.
 
 `python tests/fault_run.py step N ARGS...`        SIGKILL right after optimizer step N completes;
 `python tests/fault_run.py checkpoint N ARGS...`  SIGKILL while checkpoint-N is being written (after its
@@ -15,7 +16,8 @@ import torch  # noqa: E402
 
 import bilora_diffusion.checkpoint as checkpoint  # noqa: E402
 import bilora_diffusion.training as training  # noqa: E402
-from bilora_diffusion.sdxl import main  # noqa: E402
+from bilora_diffusion.llm import main as llm_main  # noqa: E402
+from bilora_diffusion.sdxl import main as sdxl_main  # noqa: E402
 
 
 def kill() -> None:
@@ -47,4 +49,5 @@ if __name__ == "__main__":
     # Same thread count as the pytest process (conftest): float reductions, hence bits, depend on it.
     torch.set_num_threads(min(2, torch.get_num_threads()))
     inject(sys.argv[1], int(sys.argv[2]))
+    main = llm_main if os.environ.get("FAULT_TRAINER") == "llm" else sdxl_main
     main(sys.argv[3:])

@@ -2,7 +2,10 @@
 plainly, the specification the fast paths are tested against)."""
 
 from .bilora import (
+    Reduce,
+    block_grams,
     block_sq_norms,
+    blocks_sq_norms,
     clip_factors,
     clip_grad_norms_,
     clipped_norm,
@@ -12,7 +15,10 @@ from .bilora import (
 from .reference import reference_step
 
 __all__ = [
+    "Reduce",
+    "block_grams",
     "block_sq_norms",
+    "blocks_sq_norms",
     "clip_factors",
     "clip_grad_norms_",
     "clipped_norm",

@@ -20,6 +20,9 @@ against it.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+
 import torch
 
 
@@ -64,14 +67,46 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def block_sq_norms(a: torch.Tensor, b: torch.Tensor, sq_scales: torch.Tensor) -> torch.Tensor:
-    """``s²·||B·A||_F²`` of n equally shaped pairs, A [n, r, in], B [n, out, r], without forming B·A:
-    ``||B·A||_F² = trace(Aᵀ·Bᵀ·B·A) = sum((BᵀB) ⊙ (A·Aᵀ))``, two r×r Gram matrices. In float32 at least
-    (float64 factors stay float64); returns [n]."""
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the ranks that hold shards of the factors (an all-reduce); absent in one process."""
+
+
+def block_grams(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The two r×r Gram matrices of n equally shaped pairs, A [n, r, in], B [n, out, r]: ``[BᵀB, A·Aᵀ]`` as one
+    [2, n, r, r] tensor, in float32 at least (float64 factors stay float64).
+
+    Both are sums over the factors' non-rank dimension (B's rows, A's columns), so on a factor sharded along
+    that dimension the Gram of the local piece is a partial sum, and the sum over the ranks (one all-reduce of
+    every block's Grams) is the Gram of the full factor: exact under sharding, never a gather of the factors."""
     dtype = torch.promote_types(a.dtype, torch.float32)
     a, b = a.detach().to(dtype), b.detach().to(dtype)
-    gram = torch.bmm(b.transpose(1, 2), b) * torch.bmm(a, a.transpose(1, 2))
-    return gram.sum(dim=(1, 2)) * sq_scales.to(dtype)
+    return torch.stack([torch.bmm(b.transpose(1, 2), b), torch.bmm(a, a.transpose(1, 2))])
+
+
+def block_sq_norms(a: torch.Tensor, b: torch.Tensor, sq_scales: torch.Tensor) -> torch.Tensor:
+    """``s²·||B·A||_F²`` of n equally shaped pairs, A [n, r, in], B [n, out, r], without forming B·A:
+    ``||B·A||_F² = trace(Aᵀ·Bᵀ·B·A) = sum((BᵀB) ⊙ (A·Aᵀ))``, from `block_grams`; returns [n]."""
+    return grams_sq_norms(block_grams(a, b), sq_scales)
+
+
+def grams_sq_norms(grams: torch.Tensor, sq_scales: torch.Tensor) -> torch.Tensor:
+    """``s²·sum((BᵀB) ⊙ (A·Aᵀ))`` from `block_grams`' [2, n, r, r]; returns [n]."""
+    return (grams[0] * grams[1]).sum(dim=(1, 2)) * sq_scales.to(grams.dtype)
+
+
+def blocks_sq_norms(
+    blocks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], reduce: Reduce | None = None
+) -> torch.Tensor:
+    """`block_sq_norms` of several blocks (A, B, s²), concatenated; with ``reduce`` (sharded factors: A split
+    along its input dimension, B along its output one) every block's local Grams are summed over the ranks in
+    ONE all-reduce before the products, so every rank gets the full model's norms."""
+    if not blocks:
+        return torch.zeros(0)
+    grams = [block_grams(a, b) for a, b, _ in blocks]
+    if reduce is not None:
+        summed = reduce(torch.cat([g.reshape(-1) for g in grams]))
+        grams = [part.view_as(g) for part, g in zip(summed.split([g.numel() for g in grams]), grams)]
+    return torch.cat([grams_sq_norms(g, s) for g, (_, _, s) in zip(grams, blocks)])
 
 
 def clip_factors(sq: torch.Tensor, rho: float, mode: str) -> torch.Tensor:
@@ -96,24 +131,34 @@ def clipped_norm(sq: torch.Tensor, factors: torch.Tensor) -> float:
     return float((sq * factors.pow(4)).sum().sqrt()) if sq.numel() else 0.0
 
 
-def clip_grad_norms_(params: dict[str, list[torch.Tensor]], max_norm: float | None) -> dict[str, float]:
-    """Per role (e.g. "primary", "aux"): the total 2-norm of its parameters' gradients and, with ``max_norm``,
-    the gradients clipped to it in place -- ``torch.nn.utils.clip_grad_norm_`` for each role on its own.
-    Returns the norms before clipping."""
-    norms = {}
-    for role, tensors in params.items():
-        tensors = [p for p in tensors if p.grad is not None]
-        if not tensors:
-            continue
-        norm = torch.nn.utils.get_total_norm([p.grad for p in tensors])
-        if max_norm:
-            torch.nn.utils.clip_grads_with_norm_(tensors, max_norm, norm)
-        norms[role] = float(norm)
-    return norms
+def clip_grad_norms_(
+    grads: dict[str, list[torch.Tensor]], max_norm: float | None, reduce: Reduce | None = None
+) -> dict[str, float]:
+    """Per role (e.g. "primary", "aux"): the total 2-norm of its gradients ``grads[role]`` and, with
+    ``max_norm``, those gradients scaled in place by ``min(1, max_norm / (norm + 1e-6))`` --
+    ``torch.nn.utils.clip_grad_norm_`` for each role on its own. With ``reduce`` (sharded gradients) the roles'
+    local squared norms are summed over the ranks in one all-reduce. Returns the norms before clipping."""
+    grads = {role: tensors for role, tensors in grads.items() if tensors}
+    if not grads:
+        return {}
+    local = [torch.nn.utils.get_total_norm(tensors) for tensors in grads.values()]
+    dtype = functools.reduce(torch.promote_types, [n.dtype for n in local])
+    norms = torch.stack([n.to(local[0].device, dtype) for n in local])
+    if reduce is not None:
+        norms = reduce(norms.double().square()).sqrt().to(dtype)
+    if max_norm:
+        coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for tensors, coef in zip(grads.values(), coefs):
+            torch._foreach_mul_(tensors, coef.to(tensors[0].device, tensors[0].dtype))
+    return dict(zip(grads, norms.tolist()))
 
 
 __all__ = [
+    "Reduce",
+    "block_grams",
     "block_sq_norms",
+    "blocks_sq_norms",
+    "grams_sq_norms",
     "clip_factors",
     "clip_grad_norms_",
     "clipped_norm",

@@ -223,7 +223,9 @@ class LLMTrainer(Trainer):
         model.eval()
         try:
             with aux_disabled(model):
-                for batch in batches[self.rank :: self.world]:
+                # every rank runs every forward of a sharded model; otherwise each takes every world-th batch
+                mine = batches if self.sharded else batches[self.rank :: self.world]
+                for batch in mine:
                     mb = collate(batch, self.pad_id)
                     with acc.autocast():
                         loss = model(**mb.model_inputs(acc.device), use_cache=False).loss
@@ -232,7 +234,7 @@ class LLMTrainer(Trainer):
                     )
         finally:
             model.train()
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             totals = acc.reduce(totals, "sum")
         value = float(totals[0] / totals[1])
         acc.log({"eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}, step=self.global_step)

@@ -25,6 +25,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..config import ConfigError
 from ..peft_glue import LoraPair
+from ..sharding import local, whole_rows
 
 FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 """Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
@@ -35,14 +36,27 @@ class FlatGroup:
 
     With ``pairs``, the vector starts with their blocks (`block_views`); ``order[i]`` is the index in the
     group's own parameter list of the vector's i-th tensor; ``layout`` fingerprints the order and shapes (saved
-    with the optimizer state, so state saved for other adapters is refused)."""
+    with the optimizer state, so state saved for other adapters is refused).
+
+    Sharded parameters (FSDP2 DTensors, `sharding`) are stepped through their local shards: the vector holds
+    this rank's pieces (``shapes``, ``numels``), blocks are keyed by the whole tensors' shapes (the same on
+    every rank, so the ranks' Gram matrices line up) and ``layout`` fingerprints the whole shapes."""
 
     def __init__(self, params: list[torch.Tensor], pairs: list[LoraPair] = (), tag: str = "") -> None:
         index = {id(p): i for i, p in enumerate(params)}
         self.by_shape: dict[tuple, list[LoraPair]] = {}
+        self.block_shapes: dict[tuple, tuple[tuple, tuple]] = {}
         for pair in pairs:
             if id(pair.A_param) in index and id(pair.B_param) in index:
-                self.by_shape.setdefault((pair.A.shape, pair.B.shape), []).append(pair)
+                key = (
+                    _rows_by_rest(pair.A_param, pair.embedding),
+                    _rows_by_rest(pair.B_param, pair.embedding),
+                )
+                self.by_shape.setdefault(key, []).append(pair)
+                self.block_shapes[key] = (
+                    _rows_by_rest(local(pair.A_param), pair.embedding),
+                    _rows_by_rest(local(pair.B_param), pair.embedding),
+                )
         ordered = [
             t
             for group in self.by_shape.values()
@@ -51,14 +65,18 @@ class FlatGroup:
         placed = {id(t) for t in ordered}
         self.params = ordered + [p for p in params if id(p) not in placed]
         self.order = [index[id(p)] for p in self.params]
-        self.numels = [p.numel() for p in self.params]
+        self.shapes = [local(p).shape for p in self.params]
+        self.numels = [shape.numel() for shape in self.shapes]
         self.total = sum(self.numels)
         shapes = repr([tuple(p.shape) for p in self.params]) + tag
         self.layout = hashlib.sha1(shapes.encode()).hexdigest()[:16]
         self.sq_scales = [
             torch.tensor([q.scale**2 for q in group], dtype=torch.float64) for group in self.by_shape.values()
         ]
-        self.flat = torch.empty(0)
+        first = local(self.params[0]) if self.params else torch.empty(0)
+        # the adapters' device and dtype from the start: a state loaded before the first step is cast to them
+        # (torch casts it to the parameter's), not to float32 on the CPU
+        self.flat = torch.empty(0, device=first.device, dtype=first.dtype)
         self.views: list[torch.Tensor] = []
         self.has_grad: list[bool] = []
         self.missing: list[int] = []
@@ -68,8 +86,8 @@ class FlatGroup:
         """Values and gradients into the vector (zeros where a tensor has no gradient); moves ``state`` (the
         inner optimizer's for this vector) along when the model was moved or cast since. Returns whether any
         tensor has a gradient. (Runs under no_grad, inside the optimizer's step.)"""
-        params, first = self.params, self.params[0]
-        device, dtype = first.device, first.dtype
+        params = [local(p) for p in self.params]
+        device, dtype = params[0].device, params[0].dtype
         if self.views and self.flat.device == device and self.flat.dtype == dtype:
             torch._foreach_copy_(self.views, params)
         else:
@@ -84,7 +102,7 @@ class FlatGroup:
             for key, value in state.items():  # a model moved or cast after building: its state follows
                 if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.total:
                     state[key] = value.to(device=device, dtype=dtype)
-        grads = [p.grad for p in params]
+        grads = [local(p.grad) for p in self.params]
         self.has_grad = [g is not None for g in grads]
         if all(self.has_grad):
             self.missing = []
@@ -103,13 +121,13 @@ class FlatGroup:
         `save_missing`), back as they were -- the per-tensor update leaves them alone (the aux clip, which
         follows, scales them like every other pair)."""
         for i in self.missing:
-            self.views[i].copy_(self.params[i])
+            self.views[i].copy_(local(self.params[i]))
         for value, part, old in saved:
             value[part].copy_(old)
 
     def store(self) -> None:
         """Values out to PEFT's tensors; the gradient vector freed, and on CUDA the vector too."""
-        torch._foreach_copy_(self.params, self.views)
+        torch._foreach_copy_([local(p) for p in self.params], self.views)
         self.flat.grad = None
         if self.flat.device.type == "cuda":
             self.flat.data, self.views = self.flat.data.new_empty(0), []
@@ -137,13 +155,36 @@ class FlatGroup:
         out, offset = [], 0
         if self.sq_scales and self.sq_scales[0].device != self.flat.device:
             self.sq_scales = [sq.to(self.flat.device) for sq in self.sq_scales]
-        for ((a_shape, b_shape), group), sq in zip(self.by_shape.items(), self.sq_scales):
+        for (key, group), sq in zip(self.by_shape.items(), self.sq_scales):
+            a_shape, b_shape = self.block_shapes[key]
             n, a_size, b_size = len(group), a_shape.numel(), b_shape.numel()
             a = self.flat.data[offset : offset + n * a_size].view(n, *a_shape)
             b = self.flat.data[offset + n * a_size : offset + n * (a_size + b_size)].view(n, *b_shape)
             out.append((a, b, sq))
             offset += n * (a_size + b_size)
         return out
+
+    def gram_blocks(self, rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`block_views` for the sharded Gram norms (`core.blocks_sq_norms` with a reduce): every local Gram
+        must be a partial sum over the ranks. It is where A is split along its input dimension; a block whose A
+        is split along its rank (FSDP keeps dims other than 0 whole unless evenly divisible) has its A gathered
+        whole, counted on rank 0 only (zeros elsewhere)."""
+        out = []
+        for (a, b, sq), group in zip(self.block_views(), self.by_shape.values()):
+            param = group[0].A_param
+            if getattr(param, "placements", None) and param.placements[0].is_shard(0):
+                whole = torch.stack(
+                    [whole_rows(piece.view(local(q.A_param).shape), q.A_param) for piece, q in zip(a, group)]
+                )
+                a = whole.reshape(len(group), whole.shape[1], -1)
+                a = a if rank == 0 else torch.zeros_like(a)
+            out.append((a, b, sq))
+        return out
+
+
+def _rows_by_rest(t: torch.Tensor, embedding: bool) -> torch.Size:
+    """A factor's 2-D shape (a Conv2d's [r, in, kh, kw] as [r, in·kh·kw]; an embedding's factors are 2-D)."""
+    return t.shape if embedding else torch.Size([t.shape[0], t.shape[1:].numel()])
 
 
 def flat_ok(optimizer_cls: type, param_groups: list[dict]) -> bool:

@@ -1,7 +1,7 @@
 """The training methods as small strategies: what each does around the optimizer's update.
 
 Every method's step is "forward/backward pass(es), then the update" (`BiLoRAOptimizer.step`). A method decides
-the passes and which branches exist and in which direction they move; the update (`optim.update`) is shared:
+the passes and which branches exist and in which direction they move; the update (`BiLoRAOptimizer`'s, `optim.optimizer`) is shared:
 
 - ``lora``: one pass, the primary branch descends.
 - ``bilora``: one pass, the primary descends and the auxiliary ascends, then the aux clip (the paper).
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import METHODS, PRIMARY
-from ..peft_glue import bilora_layers
+from ..peft_glue import bilora_layers, lora_pair
+from ..sharding import full_tensor, is_sharded, local, row_slice
 
 if TYPE_CHECKING:
     from .optimizer import BiLoRAOptimizer
@@ -64,11 +65,15 @@ class LoRASAM(Method):
         params = [p for p in opt.role_params("primary") if p.grad is not None]
         if not params:
             return loss
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grads = [local(p.grad) for p in params]
+        params = [local(p) for p in params]  # sharded (FSDP): this rank's shards; ||g|| summed over the ranks
+        norm = torch.nn.utils.get_total_norm(grads)
+        if opt._reduce is not None:
+            norm = opt._reduce(norm.double().square()).sqrt().to(norm.dtype)
         scale = opt.config.rho / (norm + 1e-12)
         saved = [p.detach().clone() for p in params]
-        for p in params:
-            p.add_(p.grad * scale.to(p.grad.dtype))
+        for p, g in zip(params, grads):
+            p.add_(g * scale.to(g.dtype))
         opt.zero_grad(set_to_none=True)
         try:
             with torch.enable_grad():
@@ -102,12 +107,22 @@ class FlatLoRA(Method):
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         if f_t > 0 and opt.config.rho > 0:
             for layer in bilora_layers(opt.models):
-                weight = layer.get_base_layer().weight
-                merged = weight.detach().float() + layer.get_delta_weight(PRIMARY).float()
-                rows = merged.reshape(merged.shape[0], -1)
-                sigma = f_t * opt.config.rho / math.sqrt(rows.shape[1]) * rows.norm(dim=1, keepdim=True)
+                param = layer.get_base_layer().weight
+                weight = local(param)  # sharded (FSDP): this rank's rows, whole
+                rows = slice(None)
+                if is_sharded([param]):
+                    rows = row_slice(param.shape[0], param)
+                    delta = _sharded_delta(layer)[rows]
+                else:
+                    delta = layer.get_delta_weight(PRIMARY)
+                shape2d = (weight.shape[0], param.shape[1:].numel())  # explicit: a rank may hold no rows
+                merged = weight.detach().float().reshape(shape2d) + delta.float().reshape(shape2d)
+                sigma = f_t * opt.config.rho / math.sqrt(merged.shape[1]) * merged.norm(dim=1, keepdim=True)
                 gen = self._generator(weight.device, opt.seed * 1_000_003 + t)
-                noise = torch.randn(rows.shape, generator=gen, device=weight.device)
+                # the whole weight's noise, then this rank's rows: the same draw as one process makes
+                noise = torch.randn(param.shape[0], merged.shape[1], generator=gen, device=weight.device)[
+                    rows
+                ]
                 saved.append((weight, weight.detach().clone()))
                 weight.add_((noise * sigma).reshape(weight.shape).to(weight.dtype))
         try:
@@ -117,6 +132,16 @@ class FlatLoRA(Method):
             for weight, original in saved:
                 weight.copy_(original)
         return loss
+
+
+def _sharded_delta(layer) -> torch.Tensor:
+    """The primary branch's s1·B1·A1 of a layer whose factors are sharded, as [out, in·kh·kw] (an embedding's
+    [num_embeddings, dim]): from the whole factors (one all-gather of each; they are small)."""
+    pair = lora_pair(layer, PRIMARY)
+    a, b = full_tensor(pair.A_param.detach()), full_tensor(pair.B_param.detach())
+    if pair.embedding:
+        return (b @ a).T * pair.scale
+    return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * pair.scale
 
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Method, BiLoRA, DualDescent, LoRASAM, FlatLoRA)}

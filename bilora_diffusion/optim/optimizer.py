@@ -21,8 +21,9 @@ from collections.abc import Callable
 import torch
 
 from ..config import AUX, PRIMARY, BiLoRAConfig, ConfigError
-from ..core import block_sq_norms, clip_factors, clip_grad_norms_, clipped_norm
+from ..core import blocks_sq_norms, clip_factors, clip_grad_norms_, clipped_norm
 from ..peft_glue import ModelOrModels, branch_pairs, models_of, pair_sq_norms
+from ..sharding import check_placements, full_tensor, global_view, local, local_like, shard_reduce
 from . import state_layout
 from .flat import FLAT_OPTIMIZERS, FlatGroup, flat_ok
 from .methods import make_method
@@ -71,6 +72,17 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 group["maximize"] = True
             group.setdefault(STEP_KEY, 0)
         super().__init__(param_groups, {"lr": optimizer_kwargs.get("lr", 1e-3)})
+        self._reduce = shard_reduce(p for g in self.param_groups for p in g["params"])
+        """Sum over the ranks holding shards (FSDP): the norms of the step are reduced with it."""
+        self._rank = 0
+        if self._reduce is not None:
+            check_placements(self.models)
+            self._rank = torch.distributed.get_rank()
+            if flat is False or not flat_ok(optimizer_cls, self.param_groups):
+                raise ConfigError(
+                    f"sharded (FSDP) training steps each rank's shards of the adapters with an elementwise "
+                    f"optimizer ({', '.join(c.__name__ for c in FLAT_OPTIMIZERS)}); got {optimizer_cls.__name__}"
+                )
         if flat is None:
             flat = flat_ok(optimizer_cls, self.param_groups)
         elif flat and not flat_ok(optimizer_cls, self.param_groups):
@@ -180,9 +192,12 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
 
     def _tensor_update(self) -> None:
         self._follow_casts()
-        roles = {role: self.role_params(role) for role in ("primary", "aux")}
-        self.last_grad_norms = clip_grad_norms_(roles, self.max_grad_norm)
-        self._inner_step([p.grad for p in roles["aux"] if p.grad is not None])
+        grads = {
+            role: [p.grad for p in self.role_params(role) if p.grad is not None]
+            for role in ("primary", "aux")
+        }
+        self.last_grad_norms = clip_grad_norms_(grads, self.max_grad_norm)
+        self._inner_step(grads["aux"])
         if not self._aux_pairs:
             return
         sq = pair_sq_norms(self._aux_pairs)
@@ -200,19 +215,22 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
             inner.update(_hyper(group))  # lr set by a scheduler, step count
         states = [self.inner.state.get(fg.flat, {}) for fg in self._flat]
         loaded = [fg.load(state) for fg, state in zip(self._flat, states)]
-        roles = {role: [] for role in ("primary", "aux")}
+        grads = {role: [] for role in ("primary", "aux")}
         for group, fg, has in zip(self.param_groups, self._flat, loaded):
             if has:
-                roles[group[ROLE]].append(fg.flat)
-        self.last_grad_norms = clip_grad_norms_(roles, self.max_grad_norm)
+                grads[group[ROLE]].append(fg.flat.grad)
+        self.last_grad_norms = clip_grad_norms_(grads, self.max_grad_norm, self._reduce)
         saved = [fg.save_missing(state) for fg, state in zip(self._flat, states)]
-        self._inner_step([v.grad for v in roles["aux"]])
+        self._inner_step(grads["aux"])
         for fg, kept in zip(self._flat, saved):
             fg.restore_missing(kept)
         aux = [fg for fg, group in zip(self._flat, self.param_groups) if group[ROLE] == "aux"]
         if aux:
             blocks = [block for fg in aux for block in fg.block_views()]
-            sq = torch.cat([block_sq_norms(a, b, s) for a, b, s in blocks])
+            if self._reduce is None:
+                sq = blocks_sq_norms(blocks)
+            else:
+                sq = blocks_sq_norms([b for fg in aux for b in fg.gram_blocks(self._rank)], self._reduce)
             factors = clip_factors(sq, self.config.rho, self.config.clip)
             offset = 0
             for a, b, _ in blocks:
@@ -231,11 +249,33 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 inner.update(_hyper(group))
         return self.inner.state_dict()
 
+    def full_state_dict(self) -> dict:
+        """`state_dict` with whole tensors: under sharding (FSDP) the per-tensor layout a one-process run would
+        save, gathered from every rank (a collective: every rank must call it); else `state_dict`. Loads into
+        an optimizer of any number of ranks, sharded or not."""
+        state_dict = self.state_dict()
+        if self._reduce is None:
+            return state_dict
+        state_dict = state_layout.to_tensors(state_dict, self._flat, self._group_params)
+        params = [p for group in self._group_params for p in group]
+        state = {
+            pid: {
+                k: full_tensor(global_view(v, params[pid])) if _shaped_like(v, params[pid]) else v
+                for k, v in st.items()
+            }
+            for pid, st in sorted(state_dict["state"].items())
+        }
+        return {**state_dict, "state": state}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads state saved by either update (`optim.state_layout`), converted into this optimizer's."""
+        """Loads state saved by either update (`optim.state_layout`), converted into this optimizer's; under
+        sharding, also whole-tensor state (`full_state_dict`, or a one-process run's), cut to this rank's
+        shards."""
         groups = state_dict.get("param_groups", [])
         if len(groups) == len(self.param_groups):
             state_layout.check_tensor_state(state_dict, self._group_params)
+            if self._reduce is not None:
+                state_dict = state_layout.localize(state_dict, self._group_params, local_like)
             if self._flat is not None:
                 state_dict = state_layout.to_flat(state_dict, self._flat, self._group_params)
             elif any(g.get(FLAT_KEY, False) for g in groups):
@@ -265,6 +305,10 @@ class BiLoRAOptimizer(torch.optim.Optimizer):
                 "the flat update cannot add param groups: build_optimizer(..., flat=False)"
             )
         super().add_param_group(param_group)
+
+
+def _shaped_like(value, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == local(param).shape and value.dim() > 0
 
 
 def _hyper(group: dict) -> dict:

@@ -1,5 +1,6 @@
-"""Optimizer state between its two layouts: one entry per tensor (the per-tensor update, and checkpoints from
-before the flat update) and one entry per param group (the flat update's vector, `FlatGroup`).
+"""Optimizer state between its two layouts: one entry per tensor (the per-tensor update; whole tensors gathered
+from every rank under FSDP, `BiLoRAOptimizer.full_state_dict`) and one entry per param group (the flat update's
+vector, `FlatGroup`).
 
 `BiLoRAOptimizer.load_state_dict` converts whichever layout was saved into its own, so a run resumes whichever
 way it was saved; state saved for other adapters (another rank, other target modules) is refused with a
@@ -42,8 +43,8 @@ def state_from_tensors(fg: FlatGroup, states: list[dict]) -> dict:
             out[key] = value
         elif torch.is_tensor(value):
             pieces = [
-                (states[i].get(key, torch.zeros_like(p))).reshape(-1).to(value)
-                for i, p in zip(fg.order, fg.params)
+                (states[i].get(key, torch.zeros(shape))).reshape(-1).to(value)
+                for i, shape in zip(fg.order, fg.shapes)
             ]
             out[key] = torch.cat(pieces)
     return out
@@ -54,8 +55,8 @@ def state_to_tensors(fg: FlatGroup, state: dict) -> list[dict]:
     out: list[dict] = [{} for _ in fg.params]
     for key, value in state.items():
         if torch.is_tensor(value) and value.dim() == 1 and value.numel() == fg.total:
-            for i, piece, p in zip(fg.order, value.split(fg.numels), fg.params):
-                out[i][key] = piece.view(p.shape).clone()
+            for i, piece, shape in zip(fg.order, value.split(fg.numels), fg.shapes):
+                out[i][key] = piece.view(shape).clone()
         else:
             for i in fg.order:
                 out[i][key] = value.clone() if torch.is_tensor(value) else value
@@ -130,3 +131,20 @@ def to_tensors(state_dict: dict, layouts: list[FlatGroup], group_params: list[li
         next_id += len(ids)
         groups.append({**group, "params": ids, FLAT_KEY: False})
     return {**state_dict, "state": new_state, "param_groups": groups}
+
+
+def localize(state_dict: dict, group_params: list[list[torch.Tensor]], cut) -> dict:
+    """Per-tensor groups whose state holds whole tensors (shaped like their parameter's global shape) cut to
+    this rank's shards by ``cut(whole, param)``; flat groups (already local) and scalars as they are."""
+    state = state_dict.get("state", {})
+    new_state = dict(state)
+    for group, mine in zip(state_dict["param_groups"], group_params):
+        if group.get(FLAT_KEY, False):
+            continue
+        for pid, param in zip(group["params"], mine):
+            if pid in state:
+                new_state[pid] = {
+                    k: cut(v, param) if torch.is_tensor(v) and v.dim() > 0 and v.shape == param.shape else v
+                    for k, v in state[pid].items()
+                }
+    return {**state_dict, "state": new_state}
