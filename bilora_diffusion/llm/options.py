@@ -97,7 +97,7 @@ class LLMOptions(TrainOptions, FormatOptions):
     )
     target_modules: list[str] = opt(list(LLAMA_TARGETS), "Modules to adapt (suffix match, as in PEFT).")
     rank: int = opt(8, "Rank of the primary LoRA (the one exported). Paper: 8 for LLMs.")
-    lora_alpha: float | None = opt(16.0, "LoRA alpha of the primary branch (scale = alpha/rank).")
+    alpha: float | None = opt(16.0, "LoRA alpha of the primary branch (scale s1 = alpha / rank). Paper: 16.")
     merge: bool = opt(False, "Also write the merged full model (base + primary LoRA) to output_dir/merged.")
     eval_accuracy: bool = opt(
         False,
