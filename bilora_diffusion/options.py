@@ -258,6 +258,13 @@ def _core_field(f: dataclasses.Field) -> tuple[str, Any, Any]:
     return f.name, tp, opt(default, f.metadata["help"], choices=f.metadata.get("choices"))
 
 
+def core_opt(name: str, default: Any, help: str = "") -> Any:
+    """A core field redeclared with another default by one trainer (the LLM trainer's rank 8): the core's
+    help text unless ``help`` says what the new default means."""
+    core = {f.name: f for f in fields(BiLoRAConfig)}[name]
+    return opt(default, help or core.metadata["help"], choices=core.metadata.get("choices"))
+
+
 CoreOptions = dataclasses.make_dataclass("CoreOptions", [_core_field(f) for f in fields(BiLoRAConfig)])
 CoreOptions.__doc__ = "The fields of `BiLoRAConfig` as options: the base of `TrainOptions`."
 CoreOptions.__module__ = __name__
@@ -273,9 +280,10 @@ class TrainOptions(CoreOptions):
     """{accepted spelling: field}: what diffusers' and PEFT's users write (not a field)."""
 
     # A core field whose trainer default differs from BiLoRAConfig's (alpha = rank, as diffusers' scripts).
-    alpha: float | None = opt(
+    alpha: float | None = core_opt(
+        "alpha",
         None,
-        "LoRA alpha of the primary branch; its scale is s1 = alpha / rank. None = rank (diffusers' default).",
+        "LoRA alpha of the primary branch; its scale is s1 = alpha / rank. None = rank (diffusers').",
     )
     output_dir: str = opt("bilora-output", "Where checkpoints, the exported LoRA, samples and logs go.")
     seed: int = opt(

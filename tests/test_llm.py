@@ -24,7 +24,7 @@ from bilora_diffusion.llm.evaluate import main as evaluate_main
 from bilora_diffusion.llm.options import LLMOptions
 from bilora_diffusion.llm.tiny import save_tiny_llama, tiny_tokenizer
 from bilora_diffusion.llm.train import train
-from bilora_diffusion.options import parse_options
+from bilora_diffusion.options import OptionError, parse_options
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMS = [(2, 3), (4, 5), (10, 7), (1, 1)]
@@ -395,6 +395,52 @@ def test_batched_generation_equals_one_prompt_at_a_time(llm_dir):
     together = generate(model, tok, prompts, max_new_tokens=5, batch_size=3)
     alone = [generate(model, tok, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
     assert together == alone and all(together)
+
+
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        (["--max_length", "32"], "max_length"),
+        (["--packing"], "packing"),
+        (["--prompt_template", "Q: {prompt}\n"], "prompt_template"),
+        (["--max_train_samples", "2"], "max_train_samples"),
+        (["--lora_alpha", "8"], "alpha"),
+        (["--target_modules", "q_proj", "v_proj"], "target_modules"),
+        (["--rank", "4"], "rank"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_other_data_or_adapters(llm_dir, data_files, identity_run, extra, key):
+    """Everything trainer_state.json saves is compared: a resume with other data, tokens or adapters stops with
+    one line naming the field, before any model loads."""
+    out, argv = identity_run
+    with pytest.raises(OptionError, match=f"it was made with {key}=.*this run has {key}=") as err:
+        train(options(llm_dir, data_files["plain"], out, *argv, *extra))
+    assert "\n" not in str(err.value)
+
+
+def test_resume_refuses_a_checkpoint_of_another_dataset(llm_dir, data_files, identity_run):
+    out, argv = identity_run
+    with pytest.raises(OptionError, match=f"it was made with dataset='{data_files['plain']}'"):
+        train(options(llm_dir, data_files["chat"], out, *argv))
+
+
+@pytest.fixture(scope="module")
+def identity_run(llm_dir, data_files, tmp_path_factory):
+    """A 2-step run with a checkpoint after step 1, and the flags that resume it."""
+    out = tmp_path_factory.mktemp("identity") / "out"
+    argv = ["--max_train_steps", "2", "--checkpointing_steps", "1"]
+    train(options(llm_dir, data_files["plain"], out, *argv))
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["dataset"] == str(data_files["plain"]) and state["max_length"] == 1024
+    assert state["packing"] is False and state["alpha"] == 16.0 and state["rank"] == 8
+    # The same options resume (nothing is left to do but the last step).
+    assert (
+        train(
+            options(llm_dir, data_files["plain"], out, *argv, "--resume_from_checkpoint", "latest")
+        ).global_step
+        == 2
+    )
+    return out, [*argv, "--resume_from_checkpoint", str(out / "checkpoint-1")]
 
 
 def test_evaluator_command_scores_the_memorised_set(bilora_run, data_files, tmp_path):
