@@ -263,6 +263,33 @@ def test_exported_adapter_is_the_primary_branch_and_loads_with_peft(llm_dir, bil
     torch.testing.assert_close(merged, primary, atol=1e-4, rtol=1e-4)
 
 
+def test_use_dora_trains_an_llm_and_exports_a_peft_dora_adapter(llm_dir, data_files, tmp_path):
+    """--use_dora (a core field, so the LLM trainer has it too): the PEFT adapter folder is DoRA and gives the
+    trained model's primary branch exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bilora_diffusion import attach_bilora, aux_disabled
+    from bilora_diffusion.state import load_bilora_state, read_bilora_state
+
+    out = tmp_path / "out"
+    train(options(llm_dir, data_files["plain"], out, "--use_dora", max_train_steps=3))
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(out / "adapter_model.safetensors")))
+    _, configs, _ = read_bilora_state(out / "bilora_adapters.safetensors")
+    assert configs["model"].use_dora and configs["model"].aux_rank == 8
+    trained = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    attach_bilora(trained, configs["model"])
+    load_bilora_state(out / "bilora_adapters.safetensors", {"model": trained})
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llm_dir), out).eval()
+    x = torch.tensor([[1, 7, 8, 70, 9, 71, 21]])
+    with torch.no_grad(), aux_disabled(trained):
+        torch.testing.assert_close(loaded(x).logits, trained(x).logits, atol=1e-5, rtol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(loaded(x).logits, base(x).logits, atol=1e-4)  # it trained
+
+
 def test_held_out_loss_is_measured_on_the_primary_branch(llm_dir, bilora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
