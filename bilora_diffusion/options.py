@@ -1,8 +1,10 @@
 """Options as typed dataclasses, read from a YAML file and the command line (flags override the file).
 
 One source of truth: each trainer's options are one dataclass whose fields carry their help text
-(``field(metadata={"help": ...})``); this module turns it into a command-line parser, checks types and unknown
-keys (with a "did you mean"), and leaves range checks to the dataclass's ``validate()``. Errors raise
+(``field(metadata={"help": ...})``), built on `TrainOptions`, whose core fields are generated from
+`BiLoRAConfig`'s (same names, defaults and help; other accepted spellings in the class's ``aliases``). This module
+turns it into a command-line parser and checks types and unknown keys (with a "did you mean"); the dataclass's
+``validate()`` holds every value check, choices included. Errors raise
 `OptionError`, which the entry points turn into exit code 2 with a one-line message — before any model loads.
 """
 
@@ -94,7 +96,7 @@ def aliases(cls: type) -> dict[str, str]:
     return dict(getattr(cls, "aliases", {}))
 
 
-def flag(options: Any, name: str) -> str:
+def option_flag(options: Any, name: str) -> str:
     """How a message names option ``name`` of an options class or object: ``--alpha/--lora_alpha`` when it
     has aliases, else ``--name``."""
     cls = options if isinstance(options, type) else type(options)
@@ -110,12 +112,13 @@ def check_choices(options: Any) -> None:
         value = getattr(options, f.name)
         if choices and value is not None and value not in choices:
             raise OptionError(
-                f"{flag(options, f.name)}: must be one of {', '.join(map(str, choices))}, got {value!r}"
+                f"{option_flag(options, f.name)}: must be one of {', '.join(map(str, choices))}, got {value!r}"
             )
 
 
 def read_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
-    """Options from a YAML file (safe_load): unknown keys are errors; relative input paths are resolved
+    """Options from a YAML file (safe_load): unknown keys are errors, the class's ``aliases`` are accepted
+    keys (one option written twice under two spellings is an error); relative input paths are resolved
     against the file's folder when they exist there (so presets work from any working directory)."""
     path = Path(path)
     if not path.is_file():
@@ -407,7 +410,7 @@ class TrainOptions(CoreOptions):
             raise OptionError(f"--validation_steps must be >= 1, got {self.validation_steps}")
         if self.init in ("pissa", "olora"):
             raise OptionError(
-                f"{flag(self, 'init')} {self.init} rewrites the base weights at attach time: the exported LoRA "
+                f"{option_flag(self, 'init')} {self.init} rewrites the base weights at attach time: the exported LoRA "
                 "would not apply to the stock base model; use default, gaussian or orthogonal"
             )
         if self.max_nonfinite_steps < 1:
@@ -424,7 +427,7 @@ class TrainOptions(CoreOptions):
         except ConfigError as err:  # its message starts with the field's name: name the flag instead
             name, _, rest = str(err).partition(" ")
             raise OptionError(
-                f"{flag(self, name)} {rest}" if name in self.__dataclass_fields__ else str(err)
+                f"{option_flag(self, name)} {rest}" if name in self.__dataclass_fields__ else str(err)
             ) from None
         check_output_dir(self.output_dir)
 
