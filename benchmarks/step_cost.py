@@ -256,7 +256,7 @@ class Runner:
         options = SDXLOptions(
             method=method,
             rank=4,
-            lora_alpha=8.0,
+            alpha=8.0,
             train_text_encoder=args.train_text_encoder,
             report_to="none",
         )

@@ -6,7 +6,8 @@
   under FSDP with ``--fsdp_state_dict sharded``, ``optimizer-rank<k>-of-<n>.pt`` instead: each rank's shard;
 - ``rng.pt``: torch CPU/CUDA generator states;
 - ``training_config.yaml``: the resolved options;
-- ``trainer_state.json``: step, data position and what the run was (method, rank, base model) — written last.
+- ``trainer_state.json``: step, data position and what the run was (method, ranks, base model, data: the
+  trainer's ``identity``, compared on resume) — written last.
 
 A checkpoint is first written to a hidden temporary folder and renamed when complete, so a crash (or kill -9)
 mid-write never leaves a folder that looks complete, and the previous checkpoint is deleted by rotation only
@@ -205,14 +206,22 @@ def _as_tuple(value: Any) -> Any:
 def check_compatible(
     trainer_state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike
 ) -> None:
-    """Refuse to resume a checkpoint made with another method, rank or base model; warn on a seed change."""
-    for key in ("method", "rank", "aux_rank", "base_model", "train_text_encoder", "use_dora", "optimizer"):
-        if key in trainer_state and key in expected and trainer_state[key] != expected[key]:
-            raise CheckpointError(
-                f"--resume_from_checkpoint {path}: it was made with {key}={trainer_state[key]!r}, "
-                f"this run has {key}={expected[key]!r}"
-            )
+    """Refuse to resume a checkpoint whose identity differs from this run's: every key of ``expected`` (the
+    trainer's `identity`: method, ranks, base model, data, ...) that the checkpoint saved must be equal (a key
+    it lacks, from an older version, is not compared); a seed change only warns."""
+    for key, value in expected.items():
+        if key == "seed" or key not in trainer_state or trainer_state[key] == _as_json(value):
+            continue
+        raise CheckpointError(
+            f"--resume_from_checkpoint {path}: it was made with {key}={trainer_state[key]!r}, "
+            f"this run has {key}={value!r}"
+        )
     if trainer_state.get("seed") != expected.get("seed"):
         logger.warning(
             "resuming with seed %s, the checkpoint used %s", expected.get("seed"), trainer_state.get("seed")
         )
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as trainer_state.json gives it back (tuples become lists)."""
+    return json.loads(json.dumps(value))

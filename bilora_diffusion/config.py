@@ -1,13 +1,15 @@
 """Typed options of the Bi-LoRA core.
 
-`BiLoRAConfig` is the single source of truth for the adapter and method hyper-parameters; the SDXL and LLM
-trainers embed it in their own option dataclasses, so a field documented here is documented everywhere.
+`BiLoRAConfig` is the single source of truth for the adapter and method hyper-parameters: the SDXL and LLM
+trainers' options take every one of its fields under the same name, default and help text
+(`bilora_diffusion.options.TrainOptions`), so a field documented here is documented everywhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 METHODS = ("lora", "bilora", "dual-descent", "lora-sam", "flat-lora")
 """Training methods of the toolkit (`bilora_diffusion.optim.methods`): one-pass methods first, then the two baselines that need a
@@ -27,7 +29,16 @@ AUX = "bilora_aux"
 
 
 class ConfigError(ValueError):
-    """An option has a wrong value. The message names the option."""
+    """An option has a wrong value. The message starts with the option's name."""
+
+
+def _option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """A field with its help text, as the trainers' options read it (their --help, choices checks and README
+    come from here: `bilora_diffusion.options.TrainOptions` takes every field of `BiLoRAConfig`)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -39,43 +50,60 @@ class BiLoRAConfig:
     ``sqrt(sum_j ||s2·B2_j·A2_j||_F²) <= rho``.
     """
 
-    rank: int = 4
-    """Rank r1 of the primary LoRA (the one exported). Paper: 4 for SDXL, 8 for LLMs."""
-    alpha: float = 8.0
-    """LoRA alpha of the primary branch; its scale is s1 = alpha / rank."""
-    aux_rank: int | None = None
-    """Rank r2 of the auxiliary (perturbation) branch. None = same as `rank` (the paper's default);
-    0 = no auxiliary branch (plain LoRA and the lora-sam / flat-lora baselines)."""
-    aux_alpha: float | None = None
-    """LoRA alpha of the auxiliary branch (s2 = aux_alpha / aux_rank). None = `alpha`."""
-    target_modules: Sequence[str] | str = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module names (suffix match, as in PEFT) or one regular expression (full match) to adapt."""
-    dropout: float = 0.0
-    """LoRA dropout on the adapters' input (paper: 0)."""
-    init: str = "default"
-    """Initialisation of the primary branch: PEFT's `init_lora_weights` ("default" = Kaiming-uniform A and
-    zero B; "gaussian", "pissa", "olora", "orthogonal"). The auxiliary B2 always starts at zero."""
-    rho: float = 0.05
-    """Radius of the auxiliary perturbation (paper: 0.05). Also the SAM radius of lora-sam and the noise
-    scale of flat-lora."""
-    clip: str = "global"
-    """How the auxiliary branch is kept inside rho: "global" (one norm over all modules, the paper's method),
-    "layer" (each module on its own, an ablation) or "none"."""
-    aux_lr: float | None = None
-    """Learning rate of the auxiliary (ascent) group. None = the primary learning rate (paper: eta2 = eta1)."""
-    aux_weight_decay: float = 0.0
-    """Weight decay of the auxiliary group (the primary group uses the optimizer's own weight decay)."""
-    fused: bool = True
-    """Compute the branches of a layer in one low-rank product (`bilora_diffusion.fused`):
-    ``y = W0·x + ((x·[A1; A2]ᵀ) ⊙ v)·[B1, B2]ᵀ`` with ``v = [s1]*r1 + [s2]*r2`` (for plain LoRA the same single
-    product): the same parameters, gradients, optimizer and export as PEFT's per-adapter forward, at about the
-    cost of one adapter. Linear and Conv2d LoRA layers; PEFT's own forward runs whenever the fused one would not
-    be exact (a branch disabled, adapters disabled or merged, DoRA, dropout > 0, a LoRA bias, other layer
-    types). False = always PEFT's forward."""
-    use_dora: bool = False
-    """The primary branch is DoRA (PEFT's ``use_dora=True``: W0 + s1·B1·A1 renormalised per output row to a
-    trained magnitude vector); the auxiliary branch stays plain LoRA, so the global clip bounds the same
-    perturbation. The magnitudes train with the primary group and are exported with it."""
+    rank: int = _option(4, "Rank r1 of the primary LoRA (the one exported). Paper: 4 for SDXL, 8 for LLMs.")
+    alpha: float = _option(8.0, "LoRA alpha of the primary branch; its scale is s1 = alpha / rank.")
+    aux_rank: int | None = _option(
+        None,
+        "Rank r2 of the auxiliary (perturbation) branch. None = same as rank (the paper's default); 0 = no "
+        "auxiliary branch (plain LoRA and the lora-sam / flat-lora baselines).",
+    )
+    aux_alpha: float | None = _option(
+        None, "LoRA alpha of the auxiliary branch (s2 = aux_alpha / aux_rank). None = alpha."
+    )
+    target_modules: Sequence[str] | str = _option(
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        "Module names (suffix match, as in PEFT) or one regular expression (full match) to adapt.",
+    )
+    dropout: float = _option(0.0, "LoRA dropout on the adapters' input (paper: 0).")
+    init: str = _option(
+        "default",
+        "Initialisation of the primary branch: PEFT's init_lora_weights (default = Kaiming-uniform A and zero "
+        "B). The auxiliary B2 always starts at zero.",
+        choices=INIT_MODES,
+    )
+    rho: float = _option(
+        0.05,
+        "Radius of the auxiliary perturbation (paper: 0.05). Also the SAM radius of lora-sam and the noise "
+        "scale of flat-lora.",
+    )
+    clip: str = _option(
+        "global",
+        "How the auxiliary branch is kept inside rho: global (one norm over all modules, the paper's method), "
+        "layer (each module on its own, an ablation) or none.",
+        choices=CLIP_MODES,
+    )
+    aux_lr: float | None = _option(
+        None,
+        "Learning rate of the auxiliary (ascent) group. None = the primary learning rate (paper: eta2 = eta1).",
+    )
+    aux_weight_decay: float = _option(
+        0.0, "Weight decay of the auxiliary group (the primary group uses the optimizer's own weight decay)."
+    )
+    fused: bool = _option(
+        True,
+        "Compute the branches of a layer in one low-rank product (bilora_diffusion.fused): "
+        "y = W0·x + ((x·[A1; A2]ᵀ) ⊙ v)·[B1, B2]ᵀ with v = [s1]*r1 + [s2]*r2 (for plain LoRA the same single "
+        "product): the same parameters, gradients, optimizer and export as PEFT's per-adapter forward, at about "
+        "the cost of one adapter. PEFT's own forward runs whenever the fused one would not be exact (a branch "
+        "disabled, adapters disabled or merged, DoRA, dropout > 0, a LoRA bias, layers other than Linear and "
+        "Conv2d). False = always PEFT's forward.",
+    )
+    use_dora: bool = _option(
+        False,
+        "The primary branch is DoRA (PEFT's use_dora=True: W0 + s1·B1·A1 renormalised per output row to a "
+        "trained magnitude vector); the auxiliary branch stays plain LoRA, so the global clip bounds the same "
+        "perturbation. The magnitudes train with the primary group and are exported with it.",
+    )
 
     def __post_init__(self) -> None:
         if self.aux_rank is None:
@@ -93,7 +121,7 @@ class BiLoRAConfig:
         if not isinstance(self.aux_rank, int) or self.aux_rank < 0:
             raise ConfigError(f"aux_rank must be an integer >= 0, got {self.aux_rank!r}")
         if not self.alpha > 0:
-            raise ConfigError(f"alpha (lora_alpha) must be > 0, got {self.alpha!r}")
+            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
         if not self.aux_alpha > 0:
             raise ConfigError(f"aux_alpha must be > 0, got {self.aux_alpha!r}")
         if not 0.0 <= self.dropout < 1.0:

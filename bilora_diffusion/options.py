@@ -1,8 +1,10 @@
 """Options as typed dataclasses, read from a YAML file and the command line (flags override the file).
 
 One source of truth: each trainer's options are one dataclass whose fields carry their help text
-(``field(metadata={"help": ...})``); this module turns it into a command-line parser, checks types and unknown
-keys (with a "did you mean"), and leaves range checks to the dataclass's ``validate()``. Errors raise
+(``field(metadata={"help": ...})``), built on `TrainOptions`, whose core fields are generated from
+`BiLoRAConfig`'s (same names, defaults and help; other accepted spellings in the class's ``aliases``). This module
+turns it into a command-line parser and checks types and unknown keys (with a "did you mean"); the dataclass's
+``validate()`` holds every value check, choices included. Errors raise
 `OptionError`, which the entry points turn into exit code 2 with a one-line message — before any model loads.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -21,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .config import CLIP_MODES, METHODS, BiLoRAConfig, ConfigError
+from .config import METHODS, BiLoRAConfig, ConfigError
 
 
 class OptionError(ValueError):
@@ -87,8 +90,35 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
+def aliases(cls: type) -> dict[str, str]:
+    """Other accepted spellings of ``cls``'s options ({alias: field name}), in YAML and on the command line:
+    the class attribute ``aliases`` (not a field), when it has one."""
+    return dict(getattr(cls, "aliases", {}))
+
+
+def option_flag(options: Any, name: str) -> str:
+    """How a message names option ``name`` of an options class or object: ``--alpha/--lora_alpha`` when it
+    has aliases, else ``--name``."""
+    cls = options if isinstance(options, type) else type(options)
+    spellings = [name] + [alias for alias, target in aliases(cls).items() if target == name]
+    return "/".join(f"--{spelling}" for spelling in spellings)
+
+
+def check_choices(options: Any) -> None:
+    """Every option that has ``choices`` holds one of them (or None): part of each options class's
+    ``validate()``, so options built in code are checked as the parser's are."""
+    for f in fields(options):
+        choices = f.metadata.get("choices")
+        value = getattr(options, f.name)
+        if choices and value is not None and value not in choices:
+            raise OptionError(
+                f"{option_flag(options, f.name)}: must be one of {', '.join(map(str, choices))}, got {value!r}"
+            )
+
+
 def read_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
-    """Options from a YAML file (safe_load): unknown keys are errors; relative input paths are resolved
+    """Options from a YAML file (safe_load): unknown keys are errors, the class's ``aliases`` are accepted
+    keys (one option written twice under two spellings is an error); relative input paths are resolved
     against the file's folder when they exist there (so presets work from any working directory)."""
     path = Path(path)
     if not path.is_file():
@@ -101,16 +131,21 @@ def read_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
         raise OptionError(f"--config {path}: expected a mapping of option: value")
     types_ = _field_types(cls)
     by_name = {f.name: f for f in fields(cls)}
-    out = {}
+    spellings = aliases(cls)
+    out, written = {}, {}
     for key, value in data.items():
-        key = str(key).replace("-", "_")
+        written_key = key = str(key).replace("-", "_")
+        key = spellings.get(key, key)
         if key not in types_:
-            raise _unknown(key, list(types_), f"in {path}")
+            raise _unknown(key, list(types_) + list(spellings), f"in {path}")
+        if key in written:
+            raise OptionError(f"{path}: '{written[key]}' and '{written_key}' are the same option; keep one")
+        written[key] = written_key
         if by_name[key].metadata.get("path") and isinstance(value, str) and not os.path.isabs(value):
             candidate = (path.parent / value).resolve()
             if candidate.exists() and not Path(value).exists():
                 value = str(candidate)
-        out[key] = _convert(key, value, types_[key])
+        out[key] = _convert(written_key, value, types_[key])
     return out
 
 
@@ -134,16 +169,17 @@ def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
                 raise OptionError("--config takes one YAML file")
             config_path = args[0]
             continue
-        if name not in types_:
-            raise _unknown(name, list(types_) + ["config"], "on the command line")
-        base, is_list = _base_type(types_[name])
+        key = aliases(cls).get(name, name)  # --lora_alpha sets alpha; messages keep the spelling used
+        if key not in types_:
+            raise _unknown(name, list(types_) + list(aliases(cls)) + ["config"], "on the command line")
+        base, is_list = _base_type(types_[key])
         if base is bool and not args:
             args = ["true"]
         if not args:
             raise OptionError(f"--{name}: missing value")
         if not is_list and len(args) > 1:
             raise OptionError(f"--{name}: expected one value, got {len(args)}: {args}")
-        values[name] = _convert(name, args if is_list else args[0], types_[name])
+        values[key] = _convert(name, args if is_list else args[0], types_[key])
     return config_path, values
 
 
@@ -161,11 +197,7 @@ def parse_options(cls: type, argv: list[str] | None = None) -> Any:
         value = values.get(f.name)
         if choices and isinstance(value, str) and value not in choices and value.lower() in choices:
             values[f.name] = value.lower()  # --optimizer AdamW (diffusers' spelling)
-        if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
-            raise OptionError(
-                f"--{f.name}: must be one of {', '.join(map(str, choices))}, got {values[f.name]!r}"
-            )
-    options = cls(**values)
+    options = cls(**values)  # validate() checks the choices
     try:
         options.validate()
     except ConfigError as err:
@@ -184,6 +216,7 @@ def format_help(cls: type) -> str:
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         choices = f.metadata.get("choices")
         extra = f" {{{','.join(map(str, choices))}}}" if choices else ""
+        extra += "".join(f" (also --{a})" for a, target in aliases(cls).items() if target == f.name)
         lines.append(f"  --{f.name}{extra} (default: {default!r})\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -215,28 +248,51 @@ OPTIMIZER_PACKAGES = {
 """--optimizer name -> (module, PyPI package, extra of bilora-diffusion that installs it)."""
 
 
-@dataclass
-class TrainOptions:
-    """Training options common to every trainer (diffusers' flag names where diffusers has them)."""
+# -- the core's options: every field of BiLoRAConfig, under its name, default and help -----------------------
+_CORE_TYPES = {"target_modules": list[str]}
+"""Where the command line and YAML give a core field another type (a list of module names; BiLoRAConfig
+also takes one regular expression, which the command line passes as a list of one)."""
 
+
+def _core_field(f: dataclasses.Field) -> tuple[str, Any, Any]:
+    """(name, type, field) of an option copied from a `BiLoRAConfig` field."""
+    tp = _CORE_TYPES.get(f.name) or typing.get_type_hints(BiLoRAConfig)[f.name]
+    default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+    return f.name, tp, opt(default, f.metadata["help"], choices=f.metadata.get("choices"))
+
+
+def core_opt(name: str, default: Any, help: str = "") -> Any:
+    """A core field redeclared with another default by one trainer (the LLM trainer's rank 8): the core's
+    help text unless ``help`` says what the new default means."""
+    core = {f.name: f for f in fields(BiLoRAConfig)}[name]
+    return opt(default, help or core.metadata["help"], choices=core.metadata.get("choices"))
+
+
+CoreOptions = dataclasses.make_dataclass("CoreOptions", [_core_field(f) for f in fields(BiLoRAConfig)])
+CoreOptions.__doc__ = "The fields of `BiLoRAConfig` as options: the base of `TrainOptions`."
+CoreOptions.__module__ = __name__
+
+
+@dataclass
+class TrainOptions(CoreOptions):
+    """Training options common to every trainer: the core's (`BiLoRAConfig`'s fields, same names) and
+    diffusers' flag names where diffusers has them. PEFT's and diffusers' spellings of the core's fields are
+    accepted too (``aliases``)."""
+
+    aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
+    """{accepted spelling: field}: what diffusers' and PEFT's users write (not a field)."""
+
+    # A core field whose trainer default differs from BiLoRAConfig's (alpha = rank, as diffusers' scripts).
+    alpha: float | None = core_opt(
+        "alpha",
+        None,
+        "LoRA alpha of the primary branch; its scale is s1 = alpha / rank. None = rank (diffusers').",
+    )
     output_dir: str = opt("bilora-output", "Where checkpoints, the exported LoRA, samples and logs go.")
     seed: int = opt(
         0, "Seed of everything random (data order, noise, timesteps, init); same seed = same run."
     )
     method: str = opt("bilora", "Training method.", choices=METHODS)
-    rank: int = opt(4, "Rank of the primary LoRA (the one exported).")
-    lora_alpha: float | None = opt(
-        None, "LoRA alpha of the primary branch (scale = alpha/rank); None = rank."
-    )
-    aux_rank: int | None = opt(None, "Rank of the auxiliary (ascent) branch; None = rank; 0 = none.")
-    aux_alpha: float | None = opt(None, "LoRA alpha of the auxiliary branch; None = lora_alpha.")
-    rho: float = opt(
-        0.05, "Radius of the auxiliary perturbation (SAM radius for lora-sam, noise for flat-lora)."
-    )
-    aux_lr: float | None = opt(None, "Learning rate of the auxiliary branch; None = learning_rate.")
-    clip: str = opt("global", "How the auxiliary branch is kept inside rho.", choices=CLIP_MODES)
-    lora_dropout: float = opt(0.0, "LoRA dropout.")
-    init_lora_weights: str = opt("default", "Init of the primary LoRA (PEFT init_lora_weights).")
     learning_rate: float = opt(1e-4, "Initial learning rate (after warmup) of the primary branch.")
     scale_lr: bool = opt(False, "Scale the learning rate by batch size x accumulation x processes.")
     lr_scheduler: str = opt(
@@ -253,7 +309,9 @@ class TrainOptions:
     )
     lr_warmup_steps: int = opt(0, "Warmup steps of the schedule.")
     lr_warmup_ratio: float | None = opt(
-        None, "Warmup as a fraction of the total steps (e.g. 0.03); overrides lr_warmup_steps."
+        None,
+        "Warmup as a fraction of the run's optimizer steps (e.g. 0.03): ceil(ratio x steps) warmup steps, "
+        "as transformers' warmup_ratio. Give it or --lr_warmup_steps, not both.",
     )
     train_batch_size: int = opt(1, "Batch size per process.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
@@ -320,32 +378,25 @@ class TrainOptions:
     validation_steps: int = opt(100, "Validate (held-out loss, samples) every N optimizer steps.")
     max_nonfinite_steps: int = opt(5, "Stop after this many consecutive steps with a non-finite loss.")
 
-    def bilora_config(self, target_modules: list[str]) -> BiLoRAConfig:
-        """The core config of this run for one set of target modules (aux branch dropped when the method
-        trains none)."""
-        alpha = self.lora_alpha if self.lora_alpha is not None else float(self.rank)
-        config = BiLoRAConfig(
-            rank=self.rank,
-            alpha=alpha,
-            aux_rank=self.aux_rank,
-            aux_alpha=self.aux_alpha,
-            target_modules=list(target_modules),
-            dropout=self.lora_dropout,
-            init=self.init_lora_weights,
-            rho=self.rho,
-            clip=self.clip,
-            aux_lr=self.aux_lr,
-        )
-        return config.for_method(self.method)
+    def bilora_config(self, target_modules: list[str] | None = None) -> BiLoRAConfig:
+        """The core config of this run (its own ``target_modules`` unless others are given: the SDXL text
+        encoders have theirs), with the auxiliary branch dropped when the method trains none."""
+        values = {f.name: getattr(self, f.name) for f in fields(BiLoRAConfig)}
+        values["alpha"] = float(self.rank) if self.alpha is None else self.alpha
+        if target_modules is not None:
+            values["target_modules"] = list(target_modules)
+        return BiLoRAConfig(**values).for_method(self.method)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps`` optimizer steps: ``ceil(lr_warmup_ratio · total_steps)``
+        with --lr_warmup_ratio (as transformers' ``warmup_ratio``), else --lr_warmup_steps."""
+        if self.lr_warmup_ratio is None:
+            return self.lr_warmup_steps
+        return math.ceil(self.lr_warmup_ratio * total_steps - 1e-9)  # 0.03 x 100 is 3.0000000000000004
 
     def validate(self) -> None:
-        positive = (
-            "rank",
-            "learning_rate",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "checkpointing_steps",
-        )
+        check_choices(self)
+        positive = ("learning_rate", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise OptionError(f"--{name} must be > 0, got {getattr(self, name)!r}")
@@ -358,14 +409,20 @@ class TrainOptions:
         if self.lr_warmup_steps < 0 or self.max_grad_norm < 0 or self.dataloader_num_workers < 0:
             raise OptionError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
         self.validate_optimizer()
-        if self.lr_warmup_ratio is not None and not 0.0 <= self.lr_warmup_ratio < 1.0:
-            raise OptionError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+        if self.lr_warmup_ratio is not None:
+            if not 0.0 <= self.lr_warmup_ratio < 1.0:
+                raise OptionError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+            if self.lr_warmup_steps:
+                raise OptionError(
+                    f"--lr_warmup_ratio {self.lr_warmup_ratio:g} and --lr_warmup_steps {self.lr_warmup_steps} "
+                    "both set the warmup: give one (--lr_warmup_ratio none drops a config file's ratio)"
+                )
         if self.validation_steps < 1:
             raise OptionError(f"--validation_steps must be >= 1, got {self.validation_steps}")
-        if self.init_lora_weights in ("pissa", "olora"):
+        if self.init in ("pissa", "olora"):
             raise OptionError(
-                f"--init_lora_weights {self.init_lora_weights} rewrites the base weights at attach time: the "
-                "exported LoRA would not apply to the stock base model; use default, gaussian or orthogonal"
+                f"{option_flag(self, 'init')} {self.init} rewrites the base weights at attach time: the exported LoRA "
+                "would not apply to the stock base model; use default, gaussian or orthogonal"
             )
         if self.max_nonfinite_steps < 1:
             raise OptionError("--max_nonfinite_steps must be >= 1")
@@ -377,9 +434,12 @@ class TrainOptions:
         if self.report_to not in ("tensorboard", "none", "all", "wandb"):
             raise OptionError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
         try:
-            self.bilora_config(["x"])
-        except ConfigError as err:
-            raise OptionError(str(err)) from None
+            self.bilora_config()
+        except ConfigError as err:  # its message starts with the field's name: name the flag instead
+            name, _, rest = str(err).partition(" ")
+            raise OptionError(
+                f"{option_flag(self, name)} {rest}" if name in self.__dataclass_fields__ else str(err)
+            ) from None
         check_output_dir(self.output_dir)
 
     @property
@@ -429,7 +489,3 @@ def check_output_dir(path: str) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise OptionError(f"--output_dir: {path} is not writable")
-
-
-def replace(options: Any, **changes: Any) -> Any:
-    return dataclasses.replace(options, **changes)

@@ -153,14 +153,15 @@ def make_optimizer(
 
 
 def make_scheduler(options: TrainOptions, optimizer: torch.optim.Optimizer, total_steps: int):
-    """diffusers' schedules, stepped once per optimizer step (not through accelerate, which would step it
-    once per process)."""
+    """diffusers' schedules over ``total_steps`` optimizer steps, with --lr_warmup_steps or --lr_warmup_ratio
+    of them warming up (`TrainOptions.warmup_steps`); stepped once per optimizer step (not through accelerate,
+    which would step it once per process)."""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
         options.lr_scheduler,
         optimizer,
-        num_warmup_steps=options.lr_warmup_steps,
+        num_warmup_steps=options.warmup_steps(total_steps),
         num_training_steps=total_steps,
     )
 
@@ -349,7 +350,8 @@ def distributed_mode(options: TrainOptions, accelerator: Accelerator) -> str:
 
 
 def preflight_resume(options: TrainOptions, identity: dict) -> None:
-    """A checkpoint made with another method, rank or base model is refused before any model loads."""
+    """A checkpoint whose identity (method, ranks, base model, data, ...) differs from this run's is refused
+    before any model loads."""
     if not options.resume_from_checkpoint:
         return
     try:
@@ -383,9 +385,14 @@ class Trainer:
         self.configs: dict[str, BiLoRAConfig] = {}
         self.global_step = 0
 
-    @staticmethod
-    def identity(options: TrainOptions) -> dict:
-        raise NotImplementedError
+    @classmethod
+    def identity(cls, options: TrainOptions) -> dict:
+        """What a checkpoint must match to be resumed, as saved in its trainer_state.json: here the adapters
+        (method and the core config's shape: ranks, alphas, DoRA, target modules) and the seed (a change only
+        warns); each trainer adds its base model and what made its data. Every key is compared on resume."""
+        config = options.bilora_config()
+        shape = ("rank", "aux_rank", "alpha", "aux_alpha", "use_dora", "target_modules")
+        return {"method": options.method, **{k: getattr(config, k) for k in shape}, "seed": options.seed}
 
     @classmethod
     def checkpoint_identity(cls, options: TrainOptions) -> dict:

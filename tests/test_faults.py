@@ -1,6 +1,7 @@
 """Faults injected into real runs (issue 6): kills, NaN losses, bad files, bad options, full disks, pickles."""
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -180,6 +181,44 @@ def test_resuming_a_checkpoint_of_another_method_or_rank_is_refused(tiny_sdxl_di
                               env=ENV, timeout=300)  # fmt: skip
         assert proc.returncode == 2 and word in proc.stderr.splitlines()[-1], proc.stderr[-500:]
         assert "Loading" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_resuming_a_checkpoint_of_other_data_geometry_or_adapters_is_refused(
+    tiny_sdxl_dir, image_folder, tmp_path
+):
+    """Every field trainer_state.json saves is compared on resume; a mismatch is one line naming it."""
+    out = tmp_path / "out"
+    train(parse_options(SDXLOptions, [*argv(tiny_sdxl_dir, image_folder, out), "--max_train_steps", "2"]))
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["dataset"] == str(image_folder) and state["resolution"] == 64 and state["bucketing"] is False
+    other_data = make_image_folder(tmp_path / "other", n=4, seed=1)
+    changes = [
+        (["--dataset", str(other_data)], "dataset"),
+        (["--resolution", "32"], "resolution"),
+        (["--bucketing"], "bucketing"),
+        (["--validation_split", "0.25"], "validation_split"),
+        (["--lora_alpha", "8"], "alpha"),
+        (["--aux_rank", "2"], "aux_rank"),
+        (["--target_modules", "to_q", "to_v"], "target_modules"),
+        (["--train_text_encoder"], "train_text_encoder"),
+        (["--use_dora"], "use_dora"),
+        (["--optimizer", "sgd"], "optimizer"),
+    ]
+    for extra, key in changes:
+        args = [*argv(tiny_sdxl_dir, image_folder, out), "--resume_from_checkpoint", "latest", *extra]
+        with pytest.raises(OptionError, match=f"it was made with {key}=.*this run has {key}=") as err:
+            train(parse_options(SDXLOptions, args))
+        assert "\n" not in str(err.value), key
+    # The same options resume: the run goes on to its last step.
+    args = [
+        *argv(tiny_sdxl_dir, image_folder, out),
+        "--resume_from_checkpoint",
+        "latest",
+        "--max_train_steps",
+        "2",
+    ]
+    assert train(parse_options(SDXLOptions, args)).global_step == 2
 
 
 @pytest.mark.slow

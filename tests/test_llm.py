@@ -24,7 +24,7 @@ from bilora_diffusion.llm.evaluate import main as evaluate_main
 from bilora_diffusion.llm.options import LLMOptions
 from bilora_diffusion.llm.tiny import save_tiny_llama, tiny_tokenizer
 from bilora_diffusion.llm.train import train
-from bilora_diffusion.options import parse_options
+from bilora_diffusion.options import OptionError, parse_options
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMS = [(2, 3), (4, 5), (10, 7), (1, 1)]
@@ -263,6 +263,33 @@ def test_exported_adapter_is_the_primary_branch_and_loads_with_peft(llm_dir, bil
     torch.testing.assert_close(merged, primary, atol=1e-4, rtol=1e-4)
 
 
+def test_use_dora_trains_an_llm_and_exports_a_peft_dora_adapter(llm_dir, data_files, tmp_path):
+    """--use_dora (a core field, so the LLM trainer has it too): the PEFT adapter folder is DoRA and gives the
+    trained model's primary branch exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bilora_diffusion import attach_bilora, aux_disabled
+    from bilora_diffusion.state import load_bilora_state, read_bilora_state
+
+    out = tmp_path / "out"
+    train(options(llm_dir, data_files["plain"], out, "--use_dora", max_train_steps=3))
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(out / "adapter_model.safetensors")))
+    _, configs, _ = read_bilora_state(out / "bilora_adapters.safetensors")
+    assert configs["model"].use_dora and configs["model"].aux_rank == 8
+    trained = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    attach_bilora(trained, configs["model"])
+    load_bilora_state(out / "bilora_adapters.safetensors", {"model": trained})
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llm_dir), out).eval()
+    x = torch.tensor([[1, 7, 8, 70, 9, 71, 21]])
+    with torch.no_grad(), aux_disabled(trained):
+        torch.testing.assert_close(loaded(x).logits, trained(x).logits, atol=1e-5, rtol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(loaded(x).logits, base(x).logits, atol=1e-4)  # it trained
+
+
 def test_held_out_loss_is_measured_on_the_primary_branch(llm_dir, bilora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -395,6 +422,52 @@ def test_batched_generation_equals_one_prompt_at_a_time(llm_dir):
     together = generate(model, tok, prompts, max_new_tokens=5, batch_size=3)
     alone = [generate(model, tok, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
     assert together == alone and all(together)
+
+
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        (["--max_length", "32"], "max_length"),
+        (["--packing"], "packing"),
+        (["--prompt_template", "Q: {prompt}\n"], "prompt_template"),
+        (["--max_train_samples", "2"], "max_train_samples"),
+        (["--lora_alpha", "8"], "alpha"),
+        (["--target_modules", "q_proj", "v_proj"], "target_modules"),
+        (["--rank", "4"], "rank"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_other_data_or_adapters(llm_dir, data_files, identity_run, extra, key):
+    """Everything trainer_state.json saves is compared: a resume with other data, tokens or adapters stops with
+    one line naming the field, before any model loads."""
+    out, argv = identity_run
+    with pytest.raises(OptionError, match=f"it was made with {key}=.*this run has {key}=") as err:
+        train(options(llm_dir, data_files["plain"], out, *argv, *extra))
+    assert "\n" not in str(err.value)
+
+
+def test_resume_refuses_a_checkpoint_of_another_dataset(llm_dir, data_files, identity_run):
+    out, argv = identity_run
+    with pytest.raises(OptionError, match=f"it was made with dataset='{data_files['plain']}'"):
+        train(options(llm_dir, data_files["chat"], out, *argv))
+
+
+@pytest.fixture(scope="module")
+def identity_run(llm_dir, data_files, tmp_path_factory):
+    """A 2-step run with a checkpoint after step 1, and the flags that resume it."""
+    out = tmp_path_factory.mktemp("identity") / "out"
+    argv = ["--max_train_steps", "2", "--checkpointing_steps", "1"]
+    train(options(llm_dir, data_files["plain"], out, *argv))
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["dataset"] == str(data_files["plain"]) and state["max_length"] == 1024
+    assert state["packing"] is False and state["alpha"] == 16.0 and state["rank"] == 8
+    # The same options resume (nothing is left to do but the last step).
+    assert (
+        train(
+            options(llm_dir, data_files["plain"], out, *argv, "--resume_from_checkpoint", "latest")
+        ).global_step
+        == 2
+    )
+    return out, [*argv, "--resume_from_checkpoint", str(out / "checkpoint-1")]
 
 
 def test_evaluator_command_scores_the_memorised_set(bilora_run, data_files, tmp_path):

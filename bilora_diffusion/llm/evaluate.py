@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from ..data.common import DataError
-from ..options import OptionError, opt, run_cli
+from ..options import OptionError, check_choices, opt, run_cli
 from .data import prompt_ids, read_rows, reference_text
 from .export import ADAPTER_CONFIG
 from .options import FormatOptions
@@ -171,6 +171,7 @@ class EvalOptions(FormatOptions):
     )
 
     def validate(self) -> None:
+        check_choices(self)
         self.validate_format()
         if not self.data:
             raise OptionError("no data: pass --data (a .jsonl file of question/answer rows)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from ..options import OptionError, TrainOptions, opt
+from ..options import OptionError, TrainOptions, core_opt, opt
 from .data import PromptFormat
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -96,8 +96,10 @@ class LLMOptions(TrainOptions, FormatOptions):
         "Pack several examples into each sequence of max_length (attention stays within each example).",
     )
     target_modules: list[str] = opt(list(LLAMA_TARGETS), "Modules to adapt (suffix match, as in PEFT).")
-    rank: int = opt(8, "Rank of the primary LoRA (the one exported). Paper: 8 for LLMs.")
-    lora_alpha: float | None = opt(16.0, "LoRA alpha of the primary branch (scale = alpha/rank).")
+    rank: int = core_opt("rank", 8)
+    alpha: float | None = core_opt(
+        "alpha", 16.0, "LoRA alpha of the primary branch (s1 = alpha / rank). Paper: 16."
+    )
     merge: bool = opt(False, "Also write the merged full model (base + primary LoRA) to output_dir/merged.")
     eval_accuracy: bool = opt(
         False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from ..training import (
 from .accuracy import ACCURACY_FILE, PREDICTIONS_FILE, before_after
 from .data import DataReport, Example, LMBatch, collate, pack, pad_id, read_rows, tokenize_rows
 from .export import MERGED_DIR, save_merged, save_peft_adapter
-from .options import LLMOptions
+from .options import FormatOptions, LLMOptions
 from .sources import check_data, check_model, check_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,25 @@ def load_tokenizer(
 class LLMTrainer(Trainer):
     project = "bilora-llm"
 
-    @staticmethod
-    def identity(options: LLMOptions) -> dict:
-        """What a checkpoint must match to be resumed (method, ranks, base model), plus what made its data."""
-        aux_rank = options.bilora_config(options.target_modules).aux_rank
-        same = ("method", "rank", "seed", "dataset", "max_length", "packing")
-        return {"base_model": options.model, "aux_rank": aux_rank, **{k: getattr(options, k) for k in same}}
+    @classmethod
+    def identity(cls, options: LLMOptions) -> dict:
+        """The adapters (`Trainer.identity`), the base model, and what made the training sequences: the data,
+        how rows become text (the prompt format) and tokens (max_length, packing)."""
+        data = (
+            "dataset",
+            "dataset_config_name",
+            "dataset_split",
+            "max_train_samples",
+            "max_length",
+            "packing",
+        )
+        text = [f.name for f in fields(FormatOptions)]
+        return {
+            **super().identity(options),
+            "base_model": options.model,
+            "tokenizer": options.tokenizer,
+            **{k: getattr(options, k) for k in (*data, *text)},
+        }
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -74,10 +88,11 @@ class LLMTrainer(Trainer):
         if not self.accelerator.is_main_process:
             return
         o = self.opt
-        config = o.bilora_config(o.target_modules)
+        config = o.bilora_config()
         per_epoch = steps_per_epoch(
             math.ceil(len(self.samples) / o.train_batch_size), self.world, o.gradient_accumulation_steps
         )
+        total = o.max_train_steps or o.num_train_epochs * per_epoch
         method = f"{o.method}: rank {config.rank}, alpha {config.alpha:g}"
         if config.aux_rank:
             method += f", aux rank {config.aux_rank}, aux alpha {config.aux_alpha:g}, rho {config.rho:g}"
@@ -92,11 +107,11 @@ class LLMTrainer(Trainer):
             f"base model  {o.model}" + (f" (tokenizer {o.tokenizer})" if o.tokenizer else ""),
             f"dataset     {data}; max length {o.max_length}" + (", packed" if o.packing else ""),
             f"method      {method} ({', '.join(o.target_modules)})",
-            f"optimizer   lr {o.learning_rate:g} ({o.lr_scheduler}), batch {o.train_batch_size} x "
+            f"optimizer   lr {o.learning_rate:g} ({o.lr_scheduler}, {o.warmup_steps(total)} warmup steps), "
+            f"batch {o.train_batch_size} x "
             f"{o.gradient_accumulation_steps} accumulation x {self.world} process(es), "
             f"mixed precision {self.accelerator.mixed_precision}",
-            f"steps       {o.max_train_steps or o.num_train_epochs * per_epoch} ({per_epoch} per epoch), "
-            f"checkpoint every {o.checkpointing_steps}",
+            f"steps       {total} ({per_epoch} per epoch), checkpoint every {o.checkpointing_steps}",
             f"output      {self.output_dir.resolve()}",
         ]
         logger.info("run:\n  %s", "\n  ".join(lines))
@@ -157,7 +172,7 @@ class LLMTrainer(Trainer):
         )
         model.requires_grad_(False)
         model.to(acc.device)
-        self.configs = {"model": o.bilora_config(o.target_modules)}
+        self.configs = {"model": o.bilora_config()}
         attach_bilora(model, self.configs["model"])
         cast_trainable_to_fp32(model)
         if o.gradient_checkpointing:

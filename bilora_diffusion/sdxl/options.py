@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import BiLoRAConfig
 from ..data.captions import TagOptions
 from ..hub import SDXL_BASE
 from ..options import OptionError, TrainOptions, opt
@@ -133,22 +131,12 @@ class SDXLOptions(TrainOptions):
         None, "Learning rate of the text encoders' LoRA; None = learning_rate."
     )
     target_modules: list[str] = opt(list(UNET_TARGETS), "UNet modules to adapt.")
-    use_dora: bool = opt(
-        False,
-        "The primary branch (the exported LoRA) is DoRA: a trained magnitude per output row of "
-        "W0 + s1·B1·A1; the auxiliary branch stays plain LoRA.",
-    )
     text_encoder_target_modules: list[str] = opt(list(TEXT_ENCODER_TARGETS), "Text-encoder modules to adapt.")
     enable_xformers_memory_efficient_attention: bool = opt(False, "Use xformers attention (if installed).")
     output_name: str = opt("bilora_sdxl", "File name (without .safetensors) of the kohya-format LoRA.")
     export_format: str = opt("both", "LoRA files written at the end.", choices=("diffusers", "kohya", "both"))
     save_dtype: str = opt("fp32", "Precision of the exported LoRA files.", choices=("fp32", "fp16", "bf16"))
     compare_grid: bool = opt(True, "At the end, write samples/before_after.png (without / with the LoRA).")
-
-    def bilora_config(self, target_modules: list[str]) -> BiLoRAConfig:
-        """The run's core config, with the primary branch DoRA under --use_dora."""
-        config = super().bilora_config(target_modules)
-        return dataclasses.replace(config, use_dora=self.use_dora) if self.use_dora else config
 
     def tag_options(self) -> TagOptions:
         """How captions are treated as tags (--shuffle_caption, --keep_tokens, ...)."""

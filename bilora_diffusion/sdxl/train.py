@@ -47,16 +47,24 @@ logger = logging.getLogger(__name__)
 class SDXLTrainer(Trainer):
     project = "bilora-sdxl"
 
-    @staticmethod
-    def identity(options: SDXLOptions) -> dict:
+    @classmethod
+    def identity(cls, options: SDXLOptions) -> dict:
+        """The adapters (`Trainer.identity`), the models they sit on, and what makes the training samples:
+        the data source, its held-out split, the geometry (resolution, buckets) and the prior-preservation
+        class images."""
+        o = options
         return {
-            "method": options.method,
-            "rank": options.rank,
-            "aux_rank": options.bilora_config(options.target_modules).aux_rank,
-            "base_model": options.pretrained_model_name_or_path,
-            "train_text_encoder": options.train_text_encoder,
-            "use_dora": options.use_dora,
-            "seed": options.seed,
+            **super().identity(o),
+            "base_model": o.pretrained_model_name_or_path,
+            "vae": o.pretrained_vae_model_name_or_path,
+            "train_text_encoder": o.train_text_encoder,
+            "text_encoder_target_modules": o.text_encoder_target_modules if o.train_text_encoder else None,
+            "dataset": o.dataset or o.dataset_name or o.train_data_dir,
+            "dataset_config_name": o.dataset_config_name,
+            "validation_split": o.validation_split,
+            "resolution": o.resolution,
+            "bucketing": o.bucketing,
+            "with_prior_preservation": o.with_prior_preservation,
         }
 
     # -- setup ----------------------------------------------------------------------------------------
@@ -116,7 +124,7 @@ class SDXLTrainer(Trainer):
         if not self.accelerator.is_main_process:
             return
         o, report = self.opt, self.data_report
-        config = o.bilora_config(o.target_modules)
+        config = o.bilora_config()
         total, per_epoch = self.planned_steps()
         skipped = len(report.skipped) + self.too_small
         data = (
@@ -149,7 +157,7 @@ class SDXLTrainer(Trainer):
             f"resolution  {geometry}",
             f"method      {method}; {trained} ({', '.join(o.target_modules)})",
             f"optimizer   {o.optimizer_name}, lr {o.learning_rate:g} ({o.lr_scheduler}, "
-            f"{o.lr_warmup_steps} warmup steps), batch "
+            f"{o.warmup_steps(total)} warmup steps), batch "
             f"{o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {self.world} process(es), "
             f"mixed precision {self.accelerator.mixed_precision}",
             f"steps       {total} ({per_epoch} per epoch), checkpoint every {o.checkpointing_steps}"
@@ -261,7 +269,7 @@ class SDXLTrainer(Trainer):
                 native,
                 native,
             )
-        self.configs = {"unet": o.bilora_config(o.target_modules)}
+        self.configs = {"unet": o.bilora_config()}
         attach_bilora(c.unet, self.configs["unet"])
         self.trained = {"unet": c.unet}
         if o.train_text_encoder:
