@@ -128,7 +128,8 @@ def preset_class(path: Path) -> type:
 
 
 def test_every_preset_in_configs_parses_and_validates():
-    files = sorted((ROOT / "configs").glob("*.yaml"))
+    # accelerate's launch configs (accelerate_*.yaml) are checked by test_sharding
+    files = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("accelerate_"))
     assert len(files) >= 10
     for path in files:
         cls = preset_class(path)
