@@ -179,6 +179,15 @@ def test_bucketing_gives_real_sizes_and_crops_in_time_ids(tiny_sdxl_dir, tmp_pat
     assert wide.latents.shape == (1, 4, 64 // 8, 192 // 8)
     square = trainer.make_batch([by_key["square"]], 0, 0, 0)
     assert square.time_ids.tolist() == [[128, 128, 0, 0, 128, 128]]
+    # random crops: the batch's time ids are the geometry's, for the crop drawn from the sample's generator
+    from bilora_diffusion.training import seeded
+
+    trainer.opt.center_crop = False
+    geometry = trainer.geometry[by_key["wide"]]
+    for epoch in range(4):
+        wide = trainer.make_batch([by_key["wide"]], epoch, 0, 0)
+        box = geometry.crop_box(center=False, generator=seeded(opts.seed, epoch, by_key["wide"]))
+        assert wide.time_ids.tolist() == [geometry.time_ids(*box)]
 
 
 @pytest.mark.slow
