@@ -20,7 +20,7 @@ step (reported). After training, with the auxiliary branch disabled (what users 
     analyzer: color, shape, both;
 (c) full-space sharpness of the exported weights ``W' = W0 + s1·B1·A1`` of the adapted layers on the training
     set: ``S(r) = mean_k [L(W' + r·d_k) - L(W')]`` over random filter-normalized Gaussian directions d_k
-    (`bilora_diffusion.landscape.sharpness`).
+    (`bilora_diffusion.sdxl.landscape.sharpness`).
 
     python benchmarks/generalization.py            # full: 5 methods x 3 seeds
     python benchmarks/generalization.py --quick    # 1 seed, fewer steps and samples, same code path
@@ -242,6 +242,20 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
+def trainer_loss(trainer, draws: int, records=None, seed: int = 1234):
+    """The trained model's loss at fixed noise and timesteps on its training images, or on ``records``."""
+    from bilora_diffusion.sdxl.landscape import fixed_batches, loss_function
+
+    batches = fixed_batches(
+        trainer.evaluation_samples(records),
+        trainer.c.noise_scheduler.config.num_train_timesteps,
+        trainer.text_cache,
+        draws=draws,
+        seed=seed,
+    )
+    return loss_function(trainer.loss, list(trainer.trained.values()), batches)
+
+
 def evaluate(
     trainer, s: Settings, folders: dict, prompts: dict, base: bool = False, sharp: bool = True
 ) -> dict:
@@ -252,7 +266,7 @@ def evaluate(
 
     from bilora_diffusion import adapters_disabled, aux_disabled
     from bilora_diffusion.data import load_records
-    from bilora_diffusion.landscape import adapted_layers, fixed_batches, loss_function, sharpness
+    from bilora_diffusion.sdxl.landscape import adapted_layers, sharpness
     from bilora_diffusion.sdxl.sampling import build_pipeline
     from bilora_diffusion.toy.evaluate import evaluate_prompts
 
@@ -261,14 +275,13 @@ def evaluate(
         m.eval()
     off = adapters_disabled(models) if base else contextlib.nullcontext()
     out: dict = {"loss": {}, "adherence": {}}
-    train_batches = fixed_batches(trainer, draws=s.loss_draws)
+    train_loss = trainer_loss(trainer, s.loss_draws)
     with off:
-        out["loss"]["train"] = loss_function(trainer, train_batches)()
+        out["loss"]["train"] = train_loss()
         for name in ("unseen", "taught", "held_in"):
             records = load_records(str(folders[name])).records
-            batches = fixed_batches(trainer, records, draws=s.loss_draws, seed=4321)
-            out["loss"][name] = loss_function(trainer, batches)()
-        pipe = build_pipeline(trainer)
+            out["loss"][name] = trainer_loss(trainer, s.loss_draws, records, seed=4321)()
+        pipe = build_pipeline(trainer.c, trainer.accelerator.device)
         with aux_disabled(models):
             for name, specs in prompts.items():
                 if specs:
@@ -278,18 +291,16 @@ def evaluate(
                     out["adherence"][name] = {"color": score.color, "shape": score.shape, "both": score.both}
     if not base and sharp:
         layers = adapted_layers(trainer.trained)
-        out["sharpness"] = sharpness(
-            loss_function(trainer, train_batches), layers, s.radii, s.sharp_directions, seed=777
-        )
+        out["sharpness"] = sharpness(train_loss, layers, s.radii, s.sharp_directions, seed=777)
     return out
 
 
 def landscape_of(trainer, s: Settings) -> dict:
     """1-D loss curves and 2-D surfaces around the trained adapter, full-space and LoRA-subspace directions
     (training set, the same random directions for every method)."""
-    from bilora_diffusion.landscape import adapted_layers, fixed_batches, landscape, loss_function
+    from bilora_diffusion.sdxl.landscape import adapted_layers, landscape
 
-    loss_fn = loss_function(trainer, fixed_batches(trainer, draws=s.loss_draws))
+    loss_fn = trainer_loss(trainer, s.loss_draws)
     layers = adapted_layers(trainer.trained)
     return landscape(loss_fn, layers, points=13, n_directions=2, grid="2d", grid_points=9, seed=99)
 
@@ -603,7 +614,7 @@ def write_outputs(report: dict, stem: Path) -> None:
     _at(stem, ".md").write_text("\n".join(text))
     figure(report, _at(stem, ".png"))
     if report.get("landscape"):
-        from bilora_diffusion.landscape import plot
+        from bilora_diffusion.sdxl.landscape import plot
 
         land = stem.parent / stem.name.replace("generalization", "landscape_toy")
         plot(report["landscape"], _at(land, ".png"), title="Toy task, seed 0: loss on the training set")

@@ -12,7 +12,7 @@ Flags that are not bilora-compare's go to the trainer (``--max_train_steps 500``
 
 Per run: the held-out denoising loss at fixed noise (``--validation_split``), the CLIP scores of the final
 validation samples (``--validation_clip_model``: CLIP I2T, the paper's metric; CLIP I2I to the training images),
-the full-space sharpness S(r) of the final adapter on the training set (`landscape.sharpness`), wall time and peak
+the full-space sharpness S(r) of the final adapter on the training set (`sdxl.landscape.sharpness`), wall time and peak
 memory. Each run writes ``runs/<variant>-s<seed>/compare_result.json`` when it is done: a killed compare skips
 finished runs when started again, and a half-finished one resumes from its last checkpoint (when the config
 sets ``checkpointing_steps``). ``--shard i/n`` runs every n-th run (one process per GPU); ``--report_only``
@@ -196,7 +196,7 @@ def run_one(
     """Train one (variant, seed) unless its marker says it is done; returns its result (the marker's JSON).
     ``extra_eval(trainer, variant, seed) -> dict`` adds task metrics (its ``"metrics"`` entry: flat floats)."""
     from .checkpoint import list_checkpoints
-    from .landscape import adapted_layers, fixed_batches, loss_function, sharpness
+    from .sdxl.landscape import adapted_layers, fixed_batches, loss_function, sharpness
     from .sdxl.train import SDXLTrainer
     from .training import preflight_resume
 
@@ -227,9 +227,14 @@ def run_one(
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     peak, peak_kind = peak_memory_mb()
     e0 = time.perf_counter()
-    train_batches = fixed_batches(trainer, draws=s.sharpness_draws)
+    train_batches = fixed_batches(
+        trainer.evaluation_samples(),
+        trainer.c.noise_scheduler.config.num_train_timesteps,
+        trainer.text_cache,
+        draws=s.sharpness_draws,
+    )
     sharp = sharpness(
-        loss_function(trainer, train_batches),
+        loss_function(trainer.loss, list(trainer.trained.values()), train_batches),
         adapted_layers(trainer.trained),
         s.radii,
         s.sharpness_directions,

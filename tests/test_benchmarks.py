@@ -12,7 +12,8 @@ from torch import nn
 
 from bilora_diffusion import attach_bilora
 from bilora_diffusion.config import PRIMARY, BiLoRAConfig
-from bilora_diffusion.landscape import (
+from bilora_diffusion.peft_glue import lora_pair
+from bilora_diffusion.sdxl.landscape import (
     adapted_layers,
     curve_1d,
     filter_normalize,
@@ -20,7 +21,6 @@ from bilora_diffusion.landscape import (
     random_direction,
     sharpness,
 )
-from bilora_diffusion.peft_glue import lora_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +133,7 @@ def test_generalization_quick_machinery_and_landscape_tool_on_a_tiny_model(
     assert "| lora (n=1) | 2 | 2 |" in (out / "generalization_test.md").read_text()
 
     # the landscape tool on one of those training outputs: alpha = 0 gives the unperturbed loss
-    from bilora_diffusion import landscape
+    from bilora_diffusion.sdxl import landscape
 
     trained = tmp_path / "work" / "runs" / "bilora-s0"
     png = tmp_path / "land.png"

@@ -174,11 +174,20 @@ def test_bucketing_gives_real_sizes_and_crops_in_time_ids(tiny_sdxl_dir, tmp_pat
     wide = trainer.make_batch([by_key["wide"]], 0, 0, 0)
     # 160x80 (2:1) at 128²: the 64-multiple bucket closest in aspect is 192x64; resized to cover it: 192x96,
     # center crop 16 px from the top. time_ids = (orig h, orig w, top, left, target h, target w).
-    assert trainer.plans[by_key["wide"]].bucket == (192, 64)
+    assert trainer.geometry[by_key["wide"]].bucket == (192, 64)
     assert wide.time_ids.tolist() == [[80, 160, 16, 0, 64, 192]]
     assert wide.latents.shape == (1, 4, 64 // 8, 192 // 8)
     square = trainer.make_batch([by_key["square"]], 0, 0, 0)
     assert square.time_ids.tolist() == [[128, 128, 0, 0, 128, 128]]
+    # random crops: the batch's time ids are the geometry's, for the crop drawn from the sample's generator
+    from bilora_diffusion.training import seeded
+
+    trainer.opt.center_crop = False
+    geometry = trainer.geometry[by_key["wide"]]
+    for epoch in range(4):
+        wide = trainer.make_batch([by_key["wide"]], epoch, 0, 0)
+        box = geometry.crop_box(center=False, generator=seeded(opts.seed, epoch, by_key["wide"]))
+        assert wide.time_ids.tolist() == [geometry.time_ids(*box)]
 
 
 @pytest.mark.slow

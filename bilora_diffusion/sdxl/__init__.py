@@ -1,4 +1,5 @@
-"""SDXL specifics: components, conditioning, caches, loss, the training loop and validation samples."""
+"""SDXL specifics: components, sample geometry, caches, loss, the training loop, validation samples and loss
+landscapes."""
 
 from __future__ import annotations
 

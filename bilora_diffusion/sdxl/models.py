@@ -90,8 +90,6 @@ def encode_prompt(
     return torch.cat(embeds, dim=-1), pooled
 
 
-def time_ids(
-    original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-) -> list[int]:
-    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), as (h, w) pairs."""
-    return [*original_size, *crop_top_left, *target_size]
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """The VAE's downsampling from pixels to latents (8 on SDXL), as diffusers' pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTENSIONS, resize_size
-from .cache import SampleGeometry
+from ..data import IMAGE_EXTENSIONS
+from .geometry import SampleGeometry
+from .models import vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +102,15 @@ def generate_class_images(
 def plan_class_entries(
     n_class: int, sizes: list[tuple[int, int]], buckets: list[tuple[int, int]], factor: int
 ) -> tuple[list[tuple[int, SampleGeometry]], dict[tuple[int, int], list[int]]]:
-    """Class samples: every class image (record index, size) planned for every bucket in ``buckets`` (resized
-    to cover the bucket, sides on the latent grid). Returns the entries ``(record index, geometry)`` and, per
+    """Class samples: every class image (record index, size) planned for every bucket in ``buckets`` (the
+    instance images' buckets; see `SampleGeometry`). Returns the entries ``(record index, geometry)`` and, per
     bucket, the entry indices in record order."""
     entries: list[tuple[int, SampleGeometry]] = []
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for bucket in sorted(set(map(tuple, buckets))):
         for j in range(n_class):
-            w, h = resize_size(sizes[j], bucket)
-            plan = SampleGeometry(bucket, (-(-w // factor) * factor, -(-h // factor) * factor), sizes[j])
             by_bucket.setdefault(bucket, []).append(len(entries))
-            entries.append((j, plan))
+            entries.append((j, SampleGeometry(tuple(sizes[j]), bucket, factor)))
     return entries, by_bucket
 
 
@@ -152,7 +151,7 @@ def setup_class_data(trainer) -> None:
     o, acc, c = trainer.opt, trainer.accelerator, trainer.c
     with acc.main_process_first():  # the main process paints; the others then find the images there
         if missing_class_images(o.class_data_dir, o.num_class_images):
-            pipe = build_pipeline(trainer)
+            pipe = build_pipeline(c, acc.device)
             autocast = acc.autocast() if acc.device.type == "cuda" else None
             with adapters_disabled(list(trainer.trained.values())):
                 written = generate_class_images(
@@ -186,7 +185,7 @@ def setup_class_data(trainer) -> None:
             o.class_data_dir,
             len(records),
         )
-    f = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    f = vae_scale_factor(c.vae)
     entries, by_bucket = plan_class_entries(len(records), [r.size for r in records], list(trainer.buckets), f)
     vae_id = model_identity(
         o.pretrained_vae_model_name_or_path or o.pretrained_model_name_or_path, dict(c.vae.config)
@@ -204,11 +203,12 @@ def setup_class_data(trainer) -> None:
             not acc.is_local_main_process,
             label="latent cache (class images)",
         )
-    for index, why in cache.failed.items():
+    for why in cache.failed.values():
         logger.warning("skipped (unreadable since the scan): %s", why)
-        for bucket_entries in by_bucket.values():
-            if index in bucket_entries:
-                bucket_entries.remove(index)
+    for bucket, bucket_entries in by_bucket.items():
+        by_bucket[bucket] = [
+            e for e in bucket_entries if trainer.class_records[entries[e][0]].key not in cache.failed
+        ]
     if not all(by_bucket.values()):
         raise DataError(f"--class_data_dir {o.class_data_dir}: no readable class image left")
     trainer.class_entries, trainer.class_by_bucket, trainer.class_latents = entries, by_bucket, cache
@@ -217,7 +217,7 @@ def setup_class_data(trainer) -> None:
 def class_samples(trainer, indices: list[int], epoch: int) -> tuple[list, list, list, list]:
     """The class companions of a batch's instance samples (`class_companions`), cropped and flipped per
     (seed, epoch, entry) like instance samples: (latents, time_ids, captions, keys)."""
-    o, f = trainer.opt, trainer.f
+    o = trainer.opt
     from ..training import seeded
 
     latents, time_ids, captions, keys = [], [], [], []
@@ -225,10 +225,11 @@ def class_samples(trainer, indices: list[int], epoch: int) -> tuple[list, list, 
         indices, trainer.buckets, trainer.class_by_bucket, len(trainer.records), epoch
     )
     for e in companions:
-        j, plan = trainer.class_entries[e]
+        j, geometry = trainer.class_entries[e]
+        record = trainer.class_records[j]
         g = seeded(o.seed, epoch, -1 - e)  # never an instance sample's generator (those are >= 0)
         flip = o.random_flip and bool(torch.rand((), generator=g) < 0.5)
-        latent, ids = plan.crop(trainer.class_latents.get(e, flip), f, o.center_crop, g)
+        latent, ids = geometry.crop(trainer.class_latents.get(record, geometry, flip), o.center_crop, g)
         latents.append(latent)
         time_ids.append(ids)
         captions.append(trainer.class_records[j].caption)

@@ -1,8 +1,14 @@
-"""Validation samples with the stock StableDiffusionXLPipeline: same seeds every time, saved as PNG grids."""
+"""Validation samples with the stock StableDiffusionXLPipeline: same seeds every time, saved as PNG grids.
+
+The functions take the parts they use (the SDXL components, `SampleSettings`, the output folder, the trackers),
+not the trainer.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +17,8 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 
 from ..peft_glue import adapters_disabled, unwrap
+from .geometry import SampleGeometry
+from .models import SDXLComponents
 
 
 def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
@@ -32,10 +40,24 @@ def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) ->
     return grid
 
 
-def build_pipeline(trainer) -> StableDiffusionXLPipeline:
-    c, acc = trainer.c, trainer.accelerator
+@dataclass(frozen=True)
+class SampleSettings:
+    """How validation samples are drawn: image k of every prompt from a CPU generator seeded ``seed + k``, at
+    ``geometry`` (its bucket is the image size, its time ids the pipeline's micro-conditioning)."""
+
+    prompts: list[str]
+    per_prompt: int
+    seed: int
+    steps: int
+    guidance_scale: float
+    geometry: SampleGeometry
+
+
+def build_pipeline(components: SDXLComponents, device) -> StableDiffusionXLPipeline:
+    """A stock SDXL pipeline over the components being trained (adapters attached), VAE moved to ``device``."""
+    c = components
     pipe = StableDiffusionXLPipeline(
-        vae=c.vae.to(acc.device),
+        vae=c.vae.to(device),
         text_encoder=unwrap(c.text_encoder),
         text_encoder_2=unwrap(c.text_encoder_2),
         tokenizer=c.tokenizer,
@@ -48,63 +70,69 @@ def build_pipeline(trainer) -> StableDiffusionXLPipeline:
 
 
 @torch.no_grad()
-def render(trainer, prompts: list[str], n: int) -> list[list[Image.Image]]:
-    """One row per prompt, n images each, seeds seed..seed+n-1 (the same at every call)."""
-    o, acc = trainer.opt, trainer.accelerator
-    pipe = build_pipeline(trainer)
-    rows = []
-    autocast = acc.autocast() if acc.device.type == "cuda" else contextlib.nullcontext()
-    for prompt in prompts:
-        generators = [torch.Generator(device="cpu").manual_seed(o.seed + k) for k in range(n)]
-        with autocast:
+def render(pipe, settings: SampleSettings, autocast: Callable | None = None) -> list[list[Image.Image]]:
+    """One row per prompt, ``per_prompt`` images each, seeds seed..seed+n-1 (the same at every call);
+    ``autocast`` makes the context each prompt renders in (e.g. ``accelerator.autocast`` on a GPU)."""
+    n, rows = settings.per_prompt, []
+    for prompt in settings.prompts:
+        generators = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for k in range(n)]
+        with autocast() if autocast else contextlib.nullcontext():
             images = pipe(
                 prompt=[prompt] * n,
-                num_inference_steps=o.validation_inference_steps,
-                guidance_scale=o.validation_guidance_scale,
-                height=o.resolution,
-                width=o.resolution,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
                 generator=generators,
+                **settings.geometry.pipeline_kwargs(),
             ).images
         rows.append(images)
     return rows
 
 
-def _log_image(trainer, tag: str, image: Image.Image, step: int) -> None:
-    for tracker in trainer.accelerator.trackers:
+def _log_image(trackers: Sequence, tag: str, image: Image.Image, step: int) -> None:
+    for tracker in trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
 
-def save_validation_grid(trainer, step: int) -> Path:
-    """samples/step_XXXXXX.png: a row per validation prompt (call under aux_disabled)."""
-    o = trainer.opt
-    rows = render(trainer, o.validation_prompt, o.num_validation_images)
+def save_validation_grid(
+    pipe,
+    settings: SampleSettings,
+    folder: str | Path,
+    step: int,
+    trackers: Sequence = (),
+    autocast: Callable | None = None,
+) -> tuple[Path, list[list[Image.Image]]]:
+    """``folder``/step_XXXXXX.png: a row per prompt (call under aux_disabled); returns the path and the rows."""
+    rows = render(pipe, settings, autocast)
     grid = make_grid(rows)
-    path = Path(o.output_dir) / "samples" / f"step_{step:06d}.png"
+    path = Path(folder) / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    _log_image(trainer, "validation", grid, step)
-    from ..scoring import score_validation
-
-    score_validation(trainer, rows, step)  # --validation_clip_model: samples/scores.json, TensorBoard
-    return path
+    _log_image(trackers, "validation", grid, step)
+    return path, rows
 
 
-def save_before_after(trainer) -> tuple[Path, list[list[Image.Image]], list[list[Image.Image]]]:
-    """samples/before_after.png: for each prompt, the base model's images above the LoRA's, same seeds.
-    Returns the path and the images (rows per prompt) before and after."""
-    o = trainer.opt
-    models = list(trainer.trained.values())
-    with adapters_disabled(models):
-        before = render(trainer, o.validation_prompt, o.num_validation_images)
-    after = render(trainer, o.validation_prompt, o.num_validation_images)
+def save_before_after(
+    pipe,
+    settings: SampleSettings,
+    folder: str | Path,
+    models: Sequence[torch.nn.Module],
+    step: int,
+    trackers: Sequence = (),
+    autocast: Callable | None = None,
+) -> tuple[Path, list[list[Image.Image]], list[list[Image.Image]]]:
+    """``folder``/before_after.png: for each prompt, the base model's images (``models``' adapters disabled)
+    above the LoRA's, same seeds. Returns the path and the images (rows per prompt) before and after."""
+    with adapters_disabled(list(models)):
+        before = render(pipe, settings, autocast)
+    after = render(pipe, settings, autocast)
     rows, labels = [], []
     for b, a in zip(before, after):
         rows += [b, a]
         labels += ["before", "after"]
     grid = make_grid(rows, labels)
-    path = Path(o.output_dir) / "samples" / "before_after.png"
+    path = Path(folder) / "before_after.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    _log_image(trainer, "before_after", grid, trainer.global_step)
+    _log_image(trackers, "before_after", grid, step)
     return path, before, after

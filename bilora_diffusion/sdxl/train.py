@@ -22,7 +22,7 @@ from ..data.captions import process_caption
 from ..hub import cast, resolve_base_model
 from ..options import OptionError
 from ..peft_glue import aux_disabled, unwrap
-from ..scoring import check_model
+from ..scoring import check_model, score_validation
 from ..state import STATE_FILE
 from ..training import (
     RunResult,
@@ -34,11 +34,12 @@ from ..training import (
     weight_dtype,
 )
 from . import prior
-from .cache import LatentCache, TextEmbeddingCache, model_identity, plan_geometry
+from .cache import LatentCache, TextEmbeddingCache, model_identity
+from .geometry import SampleGeometry, plan_geometry
 from .loss import MicroBatch, draw_noise, micro_batch_loss
-from .models import load_components
+from .models import load_components, vae_scale_factor
 from .options import TOY_MODEL, SDXLOptions
-from .sampling import save_before_after, save_validation_grid
+from .sampling import SampleSettings, build_pipeline, save_before_after, save_validation_grid
 from .single_file import check_config, is_single_file
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class SDXLTrainer(Trainer):
         )
         self.data_report = report
         self.class_records: list = []  # prior preservation: set by prior.setup_class_data
-        records = self.drop_unbucketable(report.records)
+        records, buckets = self.drop_unbucketable(report.records)
         order = list(range(len(records)))
         random.Random(o.seed).shuffle(order)
         n_val = math.ceil(len(records) * o.validation_split) if o.validation_split else 0
@@ -212,18 +213,29 @@ class SDXLTrainer(Trainer):
         train_ids = [i for i in range(len(records)) if i not in set(val_ids)]
         self.records = [records[i] for i in train_ids]
         self.val_records = [records[i] for i in val_ids]
-        # Buckets depend on sizes only; resize plans need the VAE's factor and are made in setup_caches.
-        self.buckets = [assign_bucket(r.size, o.resolution, o.bucketing, o.max_upscale) for r in self.records]
+        # Decided here once; the geometry (which needs the VAE's factor) reads them in setup_caches.
+        self.buckets = [buckets[i] for i in train_ids]
+        self.val_buckets = [buckets[i] for i in val_ids]
 
-    def drop_unbucketable(self, records: list) -> list:
-        """Images that reach no bucket within --max_upscale are bad input like any other: skipped with a
-        warning (or the run stops under --on_bad_image error) before any model loads."""
+    def assign_buckets(self, records: list) -> list[tuple[int, int] | None]:
+        """The bucket of every record from its size and --resolution / --bucketing / --max_upscale (None: too
+        small for any): the one place a record gets its bucket."""
         o = self.opt
-        kept, small = [], []
+        return [assign_bucket(r.size, o.resolution, o.bucketing, o.max_upscale) for r in records]
+
+    def drop_unbucketable(self, records: list) -> tuple[list, list[tuple[int, int]]]:
+        """The records that reach a bucket within --max_upscale, and their buckets. The others are bad input
+        like any other: skipped with a warning (or the run stops under --on_bad_image error) before any model
+        loads."""
+        o = self.opt
+        kept, buckets, small = [], [], []
         self.too_small = 0
-        for record in records:
-            fits = assign_bucket(record.size, o.resolution, o.bucketing, o.max_upscale) is not None
-            (kept if fits else small).append(record)
+        for record, bucket in zip(records, self.assign_buckets(records)):
+            if bucket is None:
+                small.append(record)
+            else:
+                kept.append(record)
+                buckets.append(bucket)
         if small:
             names = ", ".join(f"{r.key} ({r.size[0]}x{r.size[1]})" for r in small[:5])
             message = (
@@ -237,7 +249,7 @@ class SDXLTrainer(Trainer):
                 logger.warning("skipped %s", message)
         if not kept:
             raise DataError(f"no usable image left in the dataset: {message}")
-        return kept
+        return kept, buckets
 
     def setup_models(self) -> None:
         o, acc = self.opt, self.accelerator
@@ -260,7 +272,7 @@ class SDXLTrainer(Trainer):
         cast(c.unet, acc.device, self.dtype)
         for te in c.text_encoders:
             cast(te, acc.device, self.dtype)
-        native = c.unet.config.sample_size * 2 ** (len(c.vae.config.block_out_channels) - 1)
+        native = c.unet.config.sample_size * vae_scale_factor(c.vae)
         if acc.is_main_process and not native / 2 <= o.resolution <= native * 2:
             logger.warning(
                 "--resolution %d: the base model makes %d px images; training far from its size is slow "
@@ -298,9 +310,9 @@ class SDXLTrainer(Trainer):
     def setup_caches(self) -> None:
         o, acc, c = self.opt, self.accelerator, self.c
         self.tags = o.tag_options()
-        self.f = f = 2 ** (len(c.vae.config.block_out_channels) - 1)  # VAE downsampling: 8 on SDXL
-        self.plans = plan_geometry(self.records, o.resolution, o.bucketing, o.max_upscale, f)
-        self.val_plans = plan_geometry(self.val_records, o.resolution, o.bucketing, o.max_upscale, f)
+        self.f = f = vae_scale_factor(c.vae)
+        self.geometry = plan_geometry([r.size for r in self.records], self.buckets, f)
+        self.val_geometry = plan_geometry([r.size for r in self.val_records], self.val_buckets, f)
         vae_id = model_identity(
             o.pretrained_vae_model_name_or_path or o.pretrained_model_name_or_path, dict(c.vae.config)
         )
@@ -310,7 +322,7 @@ class SDXLTrainer(Trainer):
             bar_off = not acc.is_local_main_process
             self.latents.build(
                 self.records,
-                self.plans,
+                self.geometry,
                 o.random_flip,
                 c.vae,
                 acc.device,
@@ -320,7 +332,7 @@ class SDXLTrainer(Trainer):
             )
             self.val_latents.build(
                 self.val_records,
-                self.val_plans,
+                self.val_geometry,
                 False,
                 c.vae,
                 acc.device,
@@ -349,25 +361,23 @@ class SDXLTrainer(Trainer):
             torch.cuda.empty_cache()
 
     def drop_failed(self) -> None:
-        """Samples whose file went bad between the scan and caching are skipped with a warning, not fatal."""
-        for cache, attr, plans_attr in (
-            (self.latents, "records", "plans"),
-            (self.val_latents, "val_records", "val_plans"),
+        """Samples whose file went bad between the scan and caching are skipped with a warning, not fatal (the
+        cache is keyed by content, so the remaining samples' entries stay as they are)."""
+        for cache, names in (
+            (self.latents, ("records", "geometry", "buckets")),
+            (self.val_latents, ("val_records", "val_geometry", "val_buckets")),
         ):
             if not cache.failed:
                 continue
             for why in cache.failed.values():
                 logger.warning("skipped (unreadable since the scan): %s", why)
-            records, plans = getattr(self, attr), getattr(self, plans_attr)
-            renumber = {
-                old: new for new, old in enumerate(i for i in range(len(records)) if i not in cache.failed)
-            }
-            if attr == "records" and not renumber:
+            records = getattr(self, names[0])
+            keep = [i for i, record in enumerate(records) if record.key not in cache.failed]
+            if names[0] == "records" and not keep:
                 raise DataError("every training image became unreadable after the scan")
-            cache.latents = {(renumber[i], f): v for (i, f), v in cache.latents.items() if i in renumber}
-            setattr(self, attr, [records[i] for i in renumber])
-            setattr(self, plans_attr, [plans[i] for i in renumber])
-        self.buckets = [p.bucket for p in self.plans]
+            for name in names:
+                values = getattr(self, name)
+                setattr(self, name, [values[i] for i in keep])
 
     def setup_training(self) -> None:
         o = self.opt
@@ -399,8 +409,8 @@ class SDXLTrainer(Trainer):
             g = seeded(o.seed, epoch, i)  # crop, flip and caption dropout: per sample, per step
             flip = o.random_flip and bool(torch.rand((), generator=g) < 0.5)
             drop = o.caption_dropout > 0 and bool(torch.rand((), generator=g) < o.caption_dropout)
-            plan = self.plans[i]
-            latent, ids = plan.crop(self.latents.get(i, flip), self.f, o.center_crop, g)
+            geometry = self.geometry[i]
+            latent, ids = geometry.crop(self.latents.get(self.records[i], geometry, flip), o.center_crop, g)
             latents.append(latent)
             time_ids.append(ids)
             captions.append("" if drop else self.caption(i, epoch))
@@ -463,28 +473,73 @@ class SDXLTrainer(Trainer):
             return None
         total = 0.0
         with aux_disabled(list(self.trained.values())):
-            for i, record in enumerate(self.val_records):
-                plan = self.val_plans[i]
-                latent = self.val_latents.get(i, False)
-                bw, bh = plan.bucket[0] // self.f, plan.bucket[1] // self.f
-                top, left = (latent.shape[1] - bh) // 2, (latent.shape[2] - bw) // 2
-                lat = latent[None, :, top : top + bh, left : left + bw]
+            for i, (record, geometry) in enumerate(zip(self.val_records, self.val_geometry)):
+                latent, ids = geometry.crop(self.val_latents.get(record, geometry, False), center=True)
+                lat = latent[None]
                 noise, t = draw_noise(
                     lat, self.c.noise_scheduler.config.num_train_timesteps, 0.0, seeded(1234, i)
                 )
-                w, h = plan.original
-                ids = torch.tensor([[h, w, top * self.f, left * self.f, plan.bucket[1], plan.bucket[0]]])
-                mb = MicroBatch(lat, ids, [record.caption], [record.key], noise, t)
+                mb = MicroBatch(lat, torch.tensor([ids]), [record.caption], [record.key], noise, t)
                 if self.text_cache is not None:
                     mb.prompt_embeds, mb.pooled = self.text_cache.get([record.caption])
                 total += float(self.loss(mb))
         return total / len(self.val_records)
 
+    def evaluation_samples(self, records: list | None = None) -> list[tuple]:
+        """``(record, geometry, latent)`` of every training record, or of ``records`` (bucketed and cached like
+        training images, their captions added to the text-embedding cache when there is one): what
+        `bilora_diffusion.sdxl.landscape.fixed_batches` evaluates."""
+        if records is None:
+            return [(r, g, self.latents.get(r, g, False)) for r, g in zip(self.records, self.geometry)]
+        o, c = self.opt, self.c
+        records = list(records)
+        buckets = self.assign_buckets(records)
+        for record, bucket in zip(records, buckets):
+            if bucket is None:
+                raise DataError(
+                    f"{record.key}: image {record.size[0]}x{record.size[1]} is too small for --resolution "
+                    f"{o.resolution} with --max_upscale {o.max_upscale}"
+                )
+        geometry = plan_geometry([r.size for r in records], buckets, self.f)
+        cache = LatentCache(self.latents.vae_identity, o.cache_dir)  # on disk when the run caches there
+        cache.build(records, geometry, False, c.vae, c.vae.device, c.vae.dtype, 0, True, label="evaluation")
+        if cache.failed:
+            raise DataError(f"unreadable since the scan: {next(iter(cache.failed.values()))}")
+        if self.text_cache is not None:
+            self.text_cache.build([r.caption for r in records], c.tokenizers, c.text_encoders)
+        return [(r, g, cache.get(r, g, False)) for r, g in zip(records, geometry)]
+
+    def sample_settings(self) -> SampleSettings:
+        """What validation samples are drawn with: prompts, seeds, steps, guidance, a square of --resolution."""
+        o = self.opt
+        return SampleSettings(
+            prompts=list(o.validation_prompt),
+            per_prompt=o.num_validation_images,
+            seed=o.seed,
+            steps=o.validation_inference_steps,
+            guidance_scale=o.validation_guidance_scale,
+            geometry=SampleGeometry.full_frame(o.resolution, o.resolution, self.f),
+        )
+
+    def save_samples(self, step: int) -> Path:
+        """samples/step_XXXXXX.png, scored with --validation_clip_model (call under aux_disabled)."""
+        acc = self.accelerator
+        path, rows = save_validation_grid(
+            build_pipeline(self.c, acc.device),
+            self.sample_settings(),
+            Path(self.opt.output_dir) / "samples",
+            step,
+            acc.trackers,
+            acc.autocast if acc.device.type == "cuda" else None,
+        )
+        score_validation(self, rows, step)  # samples/scores.json, TensorBoard
+        return path
+
     def sample(self, step: int) -> None:
         o, acc = self.opt, self.accelerator
         if o.validation_prompt and acc.is_main_process:
             with aux_disabled(list(self.trained.values())):
-                save_validation_grid(self, step)
+                self.save_samples(step)
         acc.wait_for_everyone()
 
     def save_outputs(self) -> None:
@@ -495,9 +550,18 @@ class SDXLTrainer(Trainer):
         ]
         if self.opt.validation_prompt:
             with aux_disabled(list(self.trained.values())):
-                written.append(("samples", save_validation_grid(self, self.global_step)))
+                written.append(("samples", self.save_samples(self.global_step)))
                 if self.opt.compare_grid:
-                    path, before, after = save_before_after(self)
+                    acc = self.accelerator
+                    path, before, after = save_before_after(
+                        build_pipeline(self.c, acc.device),
+                        self.sample_settings(),
+                        Path(self.opt.output_dir) / "samples",
+                        list(self.trained.values()),
+                        self.global_step,
+                        acc.trackers,
+                        acc.autocast if acc.device.type == "cuda" else None,
+                    )
                     written.append(("before/after", path))
                     if Path(self.opt.pretrained_model_name_or_path).resolve() == Path(TOY_MODEL).resolve():
                         report_toy_concept(self.opt.validation_prompt, before, after)

@@ -21,7 +21,10 @@ Measures:
 Command line (any SDXL training output of this toolkit; the base model path comes from its training_config.yaml,
 the evaluation set is that run's training images at fixed noise and timesteps)::
 
-    python -m bilora_diffusion.landscape --output_dir OUT [OUT2 ...] [--directions full|lora|both] [--grid 1d|2d]
+    python -m bilora_diffusion.sdxl.landscape --output_dir OUT [OUT2 ...] [--directions full|lora|both] [--grid 1d|2d]
+
+The directions and measures work on any model carrying the primary adapter; the glue below them (fixed batches,
+the loss, loading a training output, the command line) is SDXL's, and takes the parts it uses, not the trainer.
 """
 
 from __future__ import annotations
@@ -38,8 +41,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import PRIMARY
-from .peft_glue import aux_disabled, bilora_layers, lora_pair, unwrap
+from ..checkpoint import CONFIG_FILE
+from ..config import PRIMARY
+from ..options import read_yaml
+from ..peft_glue import aux_disabled, bilora_layers, lora_pair, unwrap
+from ..state import STATE_FILE, load_bilora_state
+from ..training import seeded
+from .loss import MicroBatch
+from .options import SDXLOptions
+from .train import SDXLTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -242,91 +252,72 @@ def _linspace(lo: float, hi: float, n: int) -> list[float]:
 
 # -- SDXL glue: fixed evaluation batches, loss, loading a training output -------------------------------------------
 def fixed_batches(
-    trainer, records: Sequence | None = None, draws: int = 2, seed: int = 1234, batch_size: int = 64
-) -> list:
-    """MicroBatches of ``records`` (default: the trainer's training records) at fixed noise and timesteps.
+    samples: Sequence[tuple],
+    num_train_timesteps: int,
+    text_cache=None,
+    draws: int = 2,
+    seed: int = 1234,
+    batch_size: int = 64,
+) -> list[MicroBatch]:
+    """MicroBatches of ``samples`` — ``(record, geometry, latent of the resized image)``, e.g. from
+    ``SDXLTrainer.evaluation_samples`` — at fixed noise and timesteps.
 
     Each image appears ``draws`` times, at timesteps ``t_k = floor((k + 0.5)·T / draws)`` (stratified over
-    the schedule) with noise seeded by (seed, image, k); center crops, full captions, no flip. The latents are
-    encoded with the trainer's VAE and text embeddings come from its cache (frozen text encoders) or are
-    computed by ``trainer.loss`` (trained text encoders), exactly as in training.
+    the ``T = num_train_timesteps`` of the schedule) with noise seeded by (seed, image, k); the geometry's centre
+    crop and time ids, full captions, no flip. Text embeddings come from ``text_cache`` when given (frozen text
+    encoders); otherwise the loss encodes the captions, exactly as in training.
     """
-    from .sdxl.cache import LatentCache, plan_geometry
-    from .sdxl.loss import MicroBatch
-    from .training import seeded
-
-    o, c = trainer.opt, trainer.c
-    if records is None:
-        records, plans, cache = trainer.records, trainer.plans, trainer.latents
-    else:
-        records = list(records)
-        plans = plan_geometry(records, o.resolution, o.bucketing, o.max_upscale, trainer.f)
-        cache = LatentCache(trainer.latents.vae_identity, o.cache_dir)  # a disk cache when the run has one
-        cache.build(records, plans, False, c.vae, c.vae.device, c.vae.dtype, 0, True)
-        if trainer.text_cache is not None:
-            trainer.text_cache.build([r.caption for r in records], c.tokenizers, c.text_encoders)
-    total_t = c.noise_scheduler.config.num_train_timesteps
-    samples = []
-    for i, record in enumerate(records):
-        plan = plans[i]
-        latent = cache.get(i, False)
-        bw, bh = plan.bucket[0] // trainer.f, plan.bucket[1] // trainer.f
-        top, left = (latent.shape[1] - bh) // 2, (latent.shape[2] - bw) // 2
-        lat = latent[:, top : top + bh, left : left + bw]
-        w, h = plan.original
-        ids = [h, w, top * trainer.f, left * trainer.f, plan.bucket[1], plan.bucket[0]]
+    rows = []
+    for i, (record, geometry, latent) in enumerate(samples):
+        lat, ids = geometry.crop(latent, center=True)
         for k in range(draws):
             noise = torch.randn(lat.shape, generator=seeded(seed, i, k))
-            samples.append((lat, ids, record, noise, int((k + 0.5) * total_t / draws)))
+            rows.append((lat, ids, record, noise, int((k + 0.5) * num_train_timesteps / draws)))
     batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
+    for start in range(0, len(rows), batch_size):
         by_shape: dict[tuple, list] = {}
-        for s in chunk:
-            by_shape.setdefault(tuple(s[0].shape), []).append(s)
+        for row in rows[start : start + batch_size]:
+            by_shape.setdefault(tuple(row[0].shape), []).append(row)
         for group in by_shape.values():
             mb = MicroBatch(
-                torch.stack([s[0] for s in group]),
-                torch.tensor([s[1] for s in group]),
-                [s[2].caption for s in group],
-                [s[2].key for s in group],
-                torch.stack([s[3] for s in group]),
-                torch.tensor([s[4] for s in group], dtype=torch.long),
+                torch.stack([r[0] for r in group]),
+                torch.tensor([r[1] for r in group]),
+                [r[2].caption for r in group],
+                [r[2].key for r in group],
+                torch.stack([r[3] for r in group]),
+                torch.tensor([r[4] for r in group], dtype=torch.long),
             )
-            if trainer.text_cache is not None:
-                mb.prompt_embeds, mb.pooled = trainer.text_cache.get(mb.captions)
+            if text_cache is not None:
+                mb.prompt_embeds, mb.pooled = text_cache.get(mb.captions)
             batches.append(mb)
     return batches
 
 
-def loss_function(trainer, batches: Sequence) -> LossFn:
-    """``L()`` = the trainer's own loss, averaged over ``batches`` (weighted by size), auxiliary branch off."""
+def loss_function(
+    loss: Callable[[MicroBatch], torch.Tensor], models: Sequence[nn.Module], batches: Sequence[MicroBatch]
+) -> LossFn:
+    """``L()`` = ``loss`` (a trainer's own loss of one micro-batch) averaged over ``batches`` (weighted by
+    size), with the auxiliary branch of ``models`` (the trained components) off."""
 
     @torch.no_grad()
-    def loss() -> float:
+    def average() -> float:
         total, n = 0.0, 0
-        with aux_disabled(list(trainer.trained.values())):
+        with aux_disabled(list(models)):
             for mb in batches:
-                total += float(trainer.loss(mb)) * len(mb.keys)
+                total += float(loss(mb)) * len(mb.keys)
                 n += len(mb.keys)
         return total / n
 
-    return loss
+    return average
 
 
-def load_trained(output_dir: str | Path, **overrides):
+def load_trained(output_dir: str | Path, **overrides) -> SDXLTrainer:
     """An `SDXLTrainer` set up from a finished training output: the base model named in its
     training_config.yaml, its adapters loaded from bilora_adapters.safetensors, its training images cached.
 
     ``overrides`` replace options of the saved config (e.g. ``dataset=...`` when the run's data moved,
     ``pretrained_model_name_or_path=...``). Nothing is written to ``output_dir``.
     """
-    from .checkpoint import CONFIG_FILE
-    from .options import read_yaml
-    from .sdxl.options import SDXLOptions
-    from .sdxl.train import SDXLTrainer
-    from .state import STATE_FILE, load_bilora_state
-
     output_dir = Path(output_dir)
     for name in (CONFIG_FILE, STATE_FILE):
         if not (output_dir / name).is_file():
@@ -402,7 +393,7 @@ def plot(results: Mapping[str, dict], path: str | Path, title: str = "") -> Path
 # -- command line ---------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bilora_diffusion.landscape",
+        prog="python -m bilora_diffusion.sdxl.landscape",
         description="Loss landscape (1-D / 2-D, full-space and LoRA-subspace directions) around trained adapters.",
     )
     p.add_argument("--output_dir", nargs="+", required=True, help="Training output folder(s) to compare.")
@@ -432,12 +423,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         trainer = load_trained(
             folder, dataset=args.dataset, pretrained_model_name_or_path=args.pretrained_model_name_or_path
         )
-        records = trainer.records[: args.max_images] if len(trainer.records) > args.max_images else None
-        batches = fixed_batches(trainer, records, draws=args.draws)
+        samples = trainer.evaluation_samples()[: args.max_images]
+        batches = fixed_batches(
+            samples, trainer.c.noise_scheduler.config.num_train_timesteps, trainer.text_cache, args.draws
+        )
         layers = adapted_layers(trainer.trained)
         label = f"{Path(folder).name} ({trainer.opt.method})"
         results[label] = landscape(
-            loss_function(trainer, batches),
+            loss_function(trainer.loss, list(trainer.trained.values()), batches),
             layers,
             spaces,
             {"full": args.span_full, "lora": args.span_lora},
