@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import BiLoRAConfig
+from .errors import CheckpointError
 from .files import umask_dir
 from .state import STATE_FILE, load_bilora_state, save_bilora_state
 
@@ -36,10 +37,6 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "training_config.yaml"
 MIN_FREE_BYTES = 64 * 2**20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or does not fit this run; the message says which and why."""
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from .errors import ConfigError
+
 METHODS = ("lora", "bilora", "dual-descent", "lora-sam", "flat-lora")
 """Training methods of the toolkit (`bilora_diffusion.optim.methods`): one-pass methods first, then the two baselines that need a
 closure (lora-sam: two passes; flat-lora: perturbs W0 before its one pass)."""
@@ -24,10 +26,6 @@ PRIMARY = "default"
 """PEFT adapter name of the primary branch: every stock PEFT/diffusers save path exports exactly this one."""
 AUX = "bilora_aux"
 """PEFT adapter name of the auxiliary (ascending) branch; it never leaves training."""
-
-
-class ConfigError(ValueError):
-    """An option has a wrong value. The message names the option."""
 
 
 @dataclass

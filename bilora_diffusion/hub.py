@@ -26,7 +26,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .options import OptionError
+from .errors import BaseModelError
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 """The default base model of train_sdxl.py when any argument is given (as in diffusers' SDXL scripts)."""
@@ -40,10 +40,6 @@ KINDS = {
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 """Names taken as one checkpoint file (a safetensors file is checked; a pickled one is refused)."""
-
-
-class BaseModelError(OptionError):
-    """The base model named by an option cannot be used; the message names the option, the model and why."""
 
 
 def hub_offline() -> bool:

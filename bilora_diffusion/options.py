@@ -21,11 +21,8 @@ from typing import Any
 
 import yaml
 
-from .config import CLIP_MODES, METHODS, BiLoRAConfig, ConfigError
-
-
-class OptionError(ValueError):
-    """A bad option (unknown, wrong type, out of range). The message names it."""
+from .config import CLIP_MODES, METHODS, BiLoRAConfig
+from .errors import BiLoRAError, ConfigError, OptionError
 
 
 def opt(
@@ -193,13 +190,21 @@ def to_yaml(options: Any) -> str:
     return yaml.safe_dump(asdict(options), sort_keys=False)
 
 
-def run_cli(main, cls: type, argv: list[str] | None = None, user_errors: tuple[type, ...] = ()) -> Any:
-    """Parse options and run ``main(options)``. A bad option (or one of ``user_errors``: bad data, an
-    incompatible checkpoint) exits with code 2 and one line naming the problem."""
+def run_cli(
+    main,
+    cls: type,
+    argv: list[str] | None = None,
+    user_errors: tuple[type, ...] = (),
+    prog: str | None = None,
+) -> Any:
+    """Parse options and run ``main(options)``. A bad option or any other `BiLoRAError` (bad data, an
+    incompatible checkpoint, a refused export; and ``user_errors``, e.g. ``OSError``) exits with code 2 and one
+    line naming the problem: ``error: ...``, or ``PROG: error: ...`` with ``prog`` (argparse's convention)."""
     try:
         return main(parse_options(cls, argv))
-    except (OptionError, *user_errors) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (BiLoRAError, *user_errors) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -7,11 +7,9 @@ def main(argv: list[str] | None = None):
     """Entry point of train_sdxl.py: bad options exit with code 2 before any model loads."""
     import logging
 
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
     from ..options import run_cli
     from .options import SDXLOptions
     from .train import train
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run_cli(train, SDXLOptions, argv, (DataError, CheckpointError))
+    return run_cli(train, SDXLOptions, argv)

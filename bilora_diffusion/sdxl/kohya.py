@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..errors import KeyMapError
+
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -50,10 +52,6 @@ _TEXT_ENCODER_LEAVES = {
     "mlp.fc2",
 }
 _TEXT_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
-
-
-class KeyMapError(ValueError):
-    """A module has no kohya SDXL name that loaders accept. The message names the module."""
 
 
 def _get(config: Mapping[str, Any] | Any, key: str) -> Any:
