@@ -112,7 +112,8 @@ def read_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
 
 
 def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
-    """``--name value`` / ``--name=value`` / bare ``--flag`` (booleans) / ``--name v1 v2`` (lists)."""
+    """``--name value`` / ``--name=value`` / bare ``--flag`` (booleans) / ``--name v1 v2`` or
+    ``--name v1 --name v2`` (lists)."""
     types_ = _field_types(cls)
     config_path, values, i = None, {}, 0
     while i < len(argv):
@@ -140,7 +141,9 @@ def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
             raise OptionError(f"--{name}: missing value")
         if not is_list and len(args) > 1:
             raise OptionError(f"--{name}: expected one value, got {len(args)}: {args}")
-        values[name] = _convert(name, args if is_list else args[0], types_[name])
+        value = _convert(name, args if is_list else args[0], types_[name])
+        # A list option given twice collects both (--prompt a --prompt b), as argparse's action="append" does.
+        values[name] = values[name] + value if is_list and values.get(name) is not None else value
     return config_path, values
 
 

@@ -21,14 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bilora_diffusion import AUX, PRIMARY, BiLoRAConfig, attach_bilora, bilora_layers
-from bilora_diffusion.export import (
+from bilora_diffusion.peft_glue import lora_pair
+from bilora_diffusion.sdxl.export import (
     DIFFUSERS_FILE,
     ExportError,
     export_from_folder,
     export_lora,
     main,
 )
-from bilora_diffusion.peft_glue import lora_pair
 from bilora_diffusion.sdxl.kohya import KeyMapError, unet_sgm_path
 from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
 from bilora_diffusion.state import STATE_FILE, save_bilora_state

@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from bilora_diffusion import AUX, PRIMARY, BiLoRAConfig, attach_bilora, bilora_layers
-from bilora_diffusion.export import DIFFUSERS_FILE, ExportError, check_lora_file, export_lora
-from bilora_diffusion.generate import main
 from bilora_diffusion.peft_glue import lora_pair
+from bilora_diffusion.sdxl.export import DIFFUSERS_FILE, ExportError, check_lora_file, export_lora
+from bilora_diffusion.sdxl.generate import main
 
 PROMPTS = ["a red cube", "a blue ball"]
 SEEDS = [0, 7]

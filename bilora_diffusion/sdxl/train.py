@@ -35,6 +35,7 @@ from ..training import (
 )
 from . import prior
 from .cache import LatentCache, TextEmbeddingCache, model_identity, plan_geometry
+from .export import export_lora, training_metadata
 from .loss import MicroBatch, draw_noise, micro_batch_loss
 from .models import load_components
 from .options import TOY_MODEL, SDXLOptions
@@ -511,8 +512,6 @@ class SDXLTrainer(Trainer):
     def export(self) -> list[Path]:
         """The primary branch as the LoRA files users take away (diffusers and/or kohya format); returns
         their paths."""
-        from ..export import export_lora, training_metadata
-
         o = self.opt
         unet_config = self.configs["unet"]
         resolved = {**asdict(o), "aux_rank": unet_config.aux_rank, "aux_alpha": unet_config.aux_alpha}
