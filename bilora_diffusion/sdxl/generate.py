@@ -18,8 +18,9 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ..errors import OptionError
-from ..hub import dtype_kwargs, resolve_base_model
+from ..hub import resolve_base_model
 from ..options import opt, run_cli
+from .components import dtype_kwargs
 from .export.verify import check_lora_file
 
 PROG = "bilora-generate"

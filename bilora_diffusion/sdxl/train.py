@@ -19,7 +19,7 @@ from ..adapters import attach_bilora
 from ..checkpoint import CONFIG_FILE, check_free_space, list_checkpoints
 from ..data import DataError, assign_bucket, epoch_batches, load_records
 from ..data.captions import process_caption
-from ..hub import cast, resolve_base_model
+from ..hub import resolve_base_model
 from ..options import OptionError
 from ..peft_glue import aux_disabled, unwrap
 from ..scoring import check_model
@@ -35,6 +35,7 @@ from ..training import (
 )
 from . import prior
 from .cache import LatentCache, TextEmbeddingCache, model_identity, plan_geometry
+from .components import cast
 from .export import export_lora, training_metadata
 from .loss import MicroBatch, draw_noise, micro_batch_loss
 from .models import load_components

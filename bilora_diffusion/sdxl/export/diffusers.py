@@ -17,7 +17,7 @@ import torch
 from ...config import BiLoRAConfig
 from ...errors import ExportError
 from ...files import umask_file, umask_tree
-from ...hub import cast, dtype_kwargs
+from ..components import cast, dtype_kwargs
 from .collect import MAGNITUDE, LoraModule, LoraSet
 from .validate import resolve_dtype
 
