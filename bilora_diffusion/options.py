@@ -112,7 +112,7 @@ def read_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
 
 
 def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
-    """``--name value`` / ``--name=value`` / bare ``--flag`` (booleans) / ``--name v1 v2`` or
+    """``--name value`` / ``--name=value`` / bare ``--flag`` or ``--no-flag`` (booleans) / ``--name v1 v2`` or
     ``--name v1 --name v2`` (lists)."""
     types_ = _field_types(cls)
     config_path, values, i = None, {}, 0
@@ -132,6 +132,11 @@ def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
                 raise OptionError("--config takes one YAML file")
             config_path = args[0]
             continue
+        negated = (
+            name not in types_ and name.startswith("no_") and _base_type(types_.get(name[3:]))[0] is bool
+        )
+        if negated and not args:
+            name, args = name[3:], ["false"]  # --no-flag: argparse's BooleanOptionalAction spelling
         if name not in types_:
             raise _unknown(name, list(types_) + ["config"], "on the command line")
         base, is_list = _base_type(types_[name])
