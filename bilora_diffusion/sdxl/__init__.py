@@ -1,4 +1,5 @@
-"""SDXL specifics: components, conditioning, caches, loss, the training loop and validation samples."""
+"""SDXL specifics: components, conditioning, caches, loss, the training loop, validation samples, LoRA export
+(export/) and stock-pipeline inference (generate.py)."""
 
 from __future__ import annotations
 
