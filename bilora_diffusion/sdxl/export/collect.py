@@ -24,8 +24,6 @@ from ..kohya import COMPONENTS, text_encoder_path
 
 MAGNITUDE = "lora_magnitude_vector"
 """PEFT's (and diffusers') key of a DoRA layer's magnitude vector: ``<module>.lora_magnitude_vector``."""
-
-
 # Inits that rewrite W0 at attach time (W0 <- W0 - s·B0·A0): a plain LoRA on the original W0 is not what was
 # trained, so such a run cannot be exported as one.
 _W0_REWRITING_INITS = ("pissa", "olora")

@@ -22,9 +22,9 @@ from .collect import MAGNITUDE, LoraModule, LoraSet
 from .validate import resolve_dtype
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-
-
+"""The diffusers-format LoRA file's name (what ``load_lora_weights(folder)`` looks for)."""
 FUSED_DIR = "fused"
+"""The fused pipeline's folder in an export's output folder."""
 
 
 def adapter_metadata(modules: Mapping[str, LoraModule], config: BiLoRAConfig, component: str) -> dict:

@@ -21,11 +21,9 @@ from ..kohya import kohya_stem
 from .collect import LoraSet
 
 DEFAULT_OUTPUT_NAME = "bilora_sdxl"
-
-
+"""The kohya file's name (without .safetensors) when the training options give none."""
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
-
-
+"""The tensors of one kohya module: ``<stem><suffix>``."""
 _KOHYA_REQUIRED = {".lora_down.weight", ".lora_up.weight", ".alpha"}
 
 

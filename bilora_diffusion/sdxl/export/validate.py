@@ -18,12 +18,13 @@ from ..kohya import stem_table
 from .collect import LoraSet, canonical_path
 
 FORMATS = ("diffusers", "kohya", "both")
-
-
+"""Values of --format."""
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Values of --save_dtype and their torch dtypes."""
 
 
 def resolve_dtype(save_dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype of --save_dtype (a name of `SAVE_DTYPES` or one of its dtypes)."""
     if isinstance(save_dtype, torch.dtype):
         if save_dtype not in SAVE_DTYPES.values():
             raise ExportError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype}")
