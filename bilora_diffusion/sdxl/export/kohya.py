@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +110,22 @@ def kohya_metadata(
     return header
 
 
+def kohya_stems(keys: Iterable[str], where: str) -> dict[str, set[str]]:
+    """stem -> the `KOHYA_SUFFIXES` present for it; a key with none of them is refused (ExportError naming
+    ``where`` and the key)."""
+    stems: dict[str, set[str]] = {}
+    for key in keys:
+        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise ExportError(f"{where}: {key!r} is not a lora_down/lora_up/alpha tensor")
+        stems.setdefault(key[: -len(suffix)], set()).add(suffix)
+    return stems
+
+
 def write_kohya(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Check the kohya tensors are complete triples (a loader fails a whole file on an up-only or alpha-only
     module) and write them atomically."""
-    stems: dict[str, set[str]] = {}
-    for key in tensors:
-        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            raise ExportError(f"{path}: stray tensor {key!r}")
-        stems.setdefault(key[: -len(suffix)], set()).add(suffix)
+    stems = kohya_stems(tensors, str(path))
     broken = [s for s, parts in stems.items() if not _KOHYA_REQUIRED <= parts]
     if broken:
         raise ExportError(f"{path}: incomplete modules {broken[:3]}")

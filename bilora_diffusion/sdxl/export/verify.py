@@ -18,7 +18,7 @@ from ...state import STATE_FILE
 from ..kohya import kohya_stem
 from .collect import MAGNITUDE
 from .diffusers import DIFFUSERS_FILE
-from .kohya import KOHYA_SUFFIXES
+from .kohya import kohya_stems
 from .validate import expected_shapes, find_module, magnitude_shape
 
 
@@ -93,12 +93,7 @@ def _check_kohya_file(
                     table[kohya_stem(component, name, unet_config)] = (component, name)
                 except KeyMapError:
                     continue
-    stems: dict[str, set[str]] = {}
-    for key in shapes:
-        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            raise ExportError(f"{file}: {key!r} is not a lora_down/lora_up/alpha tensor")
-        stems.setdefault(key[: -len(suffix)], set()).add(suffix)
+    stems = kohya_stems(shapes, str(file))
     dora = [stem for stem, parts in stems.items() if ".dora_scale" in parts]
     if dora:
         raise ExportError(
