@@ -32,7 +32,6 @@ Writes benchmarks/results/generalization{,_quick}.{json,md,png} (and the sweep's
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -49,6 +48,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+
+from bilora_diffusion.errors import OptionError  # noqa: E402
+from bilora_diffusion.options import opt, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -622,40 +624,44 @@ def write_outputs(report: dict, stem: Path) -> None:
 
 
 # -- command line -------------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, fewer steps and samples (same code path).")
-    p.add_argument("--model", default=None, help="Base model folder (default: the shipped toy model).")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
-    p.add_argument("--seeds", type=int, default=None, help="Number of seeds (0, 1, ...).")
-    p.add_argument("--steps", type=int, default=None, help="Optimizer steps of every method.")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument(
-        "--rho", nargs="+", default=None, metavar="METHOD=RHO", help="e.g. bilora=0.01 lora-sam=0.05"
+@dataclass
+class GeneralizationOptions:
+    """Options of this benchmark (the project's typed options: ``--help``, ``--config FILE.yaml``)."""
+
+    usage = (
+        "usage: python benchmarks/generalization.py [--quick] [--methods M ...] [--sweep_rho RHO ...] [...]"
     )
-    p.add_argument("--sweep_rho", nargs="+", type=float, default=None, help="rho values to sweep (1 seed).")
-    p.add_argument("--sweep_methods", nargs="+", choices=METHODS, default=["bilora", "lora-sam", "flat-lora"])
-    p.add_argument(
-        "--aux_lr_grid",
-        nargs="+",
-        type=float,
-        default=None,
-        metavar="RHO",
-        help="bilora at each rho x each --aux_lr_factors (x the primary lr) against lora; 3 seeds, GRID budget.",
+
+    quick: bool = opt(False, "1 seed, fewer steps and samples (same code path).")
+    model: str | None = opt(None, "Base model folder (default: the shipped toy model).")
+    methods: list[str] | None = opt(None, f"Methods to run (of {', '.join(METHODS)}).")
+    seeds: int | None = opt(None, "Number of seeds (0, 1, ...).")
+    steps: int | None = opt(None, "Optimizer steps of every method.")
+    lr: float | None = opt(None, "Learning rate of every method.")
+    rho: list[str] | None = opt(None, "METHOD=RHO pairs, e.g. bilora=0.01 lora-sam=0.05.")
+    sweep_rho: list[float] | None = opt(None, "rho values to sweep (1 seed).")
+    sweep_methods: list[str] = opt(["bilora", "lora-sam", "flat-lora"], "Methods of --sweep_rho.")
+    aux_lr_grid: list[float] | None = opt(
+        None,
+        "bilora at each rho x each --aux_lr_factors (x the primary lr) against lora; 3 seeds, GRID budget.",
     )
-    p.add_argument("--aux_lr_factors", nargs="+", type=float, default=[1.0, 3.0, 10.0])
-    p.add_argument("--no_landscape", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine).")
-    p.add_argument(
-        "--work", default="/tmp/bilora_generalization", help="Scratch folder (runs, data, caches)."
-    )
-    p.add_argument("--out", default=str(RESULTS), help="Folder of the results.")
-    p.add_argument("--tag", default=None, help="Suffix of the result files (default: quick / none).")
-    p.add_argument("--verbose", action="store_true", help="Show the trainer's progress bars.")
-    p.add_argument(
-        "--replot", default=None, metavar="JSON", help="Rewrite the .md/.png of a finished run's JSON."
-    )
-    return p.parse_args(argv)
+    aux_lr_factors: list[float] = opt([1.0, 3.0, 10.0], "Factors of --aux_lr_grid.")
+    no_landscape: bool = opt(False, "Skip the loss-landscape curves.")
+    threads: int = opt(1, "torch threads (1: fastest on a shared machine).")
+    work: str = opt("/tmp/bilora_generalization", "Scratch folder (runs, data, caches).")
+    out: str = opt(str(RESULTS), "Folder of the results.")
+    tag: str | None = opt(None, "Suffix of the result files (default: quick / none).")
+    verbose: bool = opt(False, "Show the trainer's progress bars.")
+    replot: str | None = opt(None, "Rewrite the .md/.png of a finished run's JSON.")
+
+    def validate(self) -> None:
+        for flag in ("methods", "sweep_methods"):
+            bad = [m for m in getattr(self, flag) or [] if m not in METHODS]
+            if bad:
+                raise OptionError(f"--{flag}: must be some of {', '.join(METHODS)}, got {bad[0]!r}")
+        bad = [item for item in self.rho or [] if "=" not in item]
+        if bad:
+            raise OptionError(f"--rho: expected METHOD=RHO, got {bad[0]!r}")
 
 
 def quiet_progress_bars() -> None:
@@ -669,7 +675,7 @@ def quiet_progress_bars() -> None:
         module.tqdm = lambda *a, _tqdm=original, **k: _tqdm(*a, **{**k, "disable": True})
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def settings_from(args: GeneralizationOptions) -> Settings:
     from bilora_diffusion.toy.model import TOY_MODEL_DIR
 
     s = Settings(model=args.model or str(TOY_MODEL_DIR), threads=args.threads)
@@ -702,8 +708,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return s
 
 
+GeneralizationOptions.usage += "\n\n" + __doc__  # the module's docstring: what the benchmark measures
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    """Run the benchmark; a bad option exits with code 2 and one line."""
+    return run_cli(lambda args: run(args, argv), GeneralizationOptions, argv, prog="generalization.py")
+
+
+def run(args: GeneralizationOptions, argv: list[str] | None) -> dict:
     if not args.verbose:
         quiet_progress_bars()
     if args.replot:
@@ -735,7 +748,7 @@ def command(argv: list[str] | None) -> str:
     return " ".join(["python benchmarks/generalization.py", *args])
 
 
-def sweep(s: Settings, args: argparse.Namespace, work: Path, out: Path, cmd: str) -> dict:
+def sweep(s: Settings, args: GeneralizationOptions, work: Path, out: Path, cmd: str) -> dict:
     """rho sweep of ``--sweep_methods`` (plus a lora reference), one seed, the SWEEP budget."""
     s = replace(s, landscape=False, methods=["lora"], seeds=s.seeds[:1])
     stem = out / ("generalization_rho_sweep" + (f"_{args.tag}" if args.tag else ""))

@@ -31,7 +31,6 @@ and a Markdown table on stdout. Results and their reading: benchmarks/RESULTS.md
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -41,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # "modules that should be kept in float32: []" x14
@@ -50,7 +50,9 @@ from torch import nn
 
 from bilora_diffusion import attach_bilora, bilora_layers
 from bilora_diffusion.config import AUX, PRIMARY
+from bilora_diffusion.errors import OptionError
 from bilora_diffusion.fused import disable_fused, enable_fused, is_fused
+from bilora_diffusion.options import opt, run_cli
 from bilora_diffusion.sdxl.loss import MicroBatch, draw_noise, micro_batch_loss
 from bilora_diffusion.sdxl.models import encode_prompt, tokenize
 from bilora_diffusion.sdxl.options import SDXLOptions
@@ -246,7 +248,7 @@ def _sync() -> None:
 class Runner:
     """A model with one variant's adapters, its optimizer and the trainer's loss; ``step()`` = one step."""
 
-    def __init__(self, args: argparse.Namespace, variant: str, comps: dict, accelerator) -> None:
+    def __init__(self, args: StepCostOptions, variant: str, comps: dict, accelerator) -> None:
         method, forward = VARIANTS[variant]
         self.args, self.variant, self.accelerator = args, variant, accelerator
         self.unet = comps["unet"]
@@ -302,7 +304,7 @@ class Runner:
         return elapsed, wall
 
 
-def make_batches(args: argparse.Namespace, comps: dict, count: int) -> list[MicroBatch]:
+def make_batches(args: StepCostOptions, comps: dict, count: int) -> list[MicroBatch]:
     """``count`` micro-batches, deterministic; text embeddings cached when the text encoders are frozen."""
     side = args.resolution // 8
     gen = torch.Generator().manual_seed(1234)
@@ -327,7 +329,7 @@ def make_batches(args: argparse.Namespace, comps: dict, count: int) -> list[Micr
 
 
 # -- time -----------------------------------------------------------------------------------------------------
-def make_accelerator(args: argparse.Namespace):
+def make_accelerator(args: StepCostOptions):
     from accelerate import Accelerator
 
     if args.device == "cpu":
@@ -335,12 +337,12 @@ def make_accelerator(args: argparse.Namespace):
     return Accelerator(mixed_precision="bf16" if args.dtype == "bfloat16" else "no")
 
 
-def time_variants(args: argparse.Namespace, accelerator) -> dict:
+def time_variants(args: StepCostOptions, accelerator) -> dict:
     """Interleaved rounds (A B C A B C ...); per variant: step times, forward/backward time, paired ratios."""
     dtype = getattr(torch, args.dtype)
     runners = {}
     for variant in args.variants:
-        comps = build_components(args.model, accelerator.device, dtype, args.seed, args.unet_widths)
+        comps = build_components(args.model, accelerator.device, dtype, args.seed, args.widths)
         runners[variant] = Runner(args, variant, comps, accelerator)
     first = next(iter(runners.values()))
     batches = make_batches(args, {"text_encoders": first.encoders, "tokenizers": first.tokenizers}, 4)
@@ -393,10 +395,10 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def memory_one(args: argparse.Namespace, variant: str, accelerator) -> dict:
+def memory_one(args: StepCostOptions, variant: str, accelerator) -> dict:
     """Peak memory of ``variant`` alone in this process (the caller makes sure nothing else is resident)."""
     comps = build_components(
-        args.model, accelerator.device, getattr(torch, args.dtype), args.seed, args.unet_widths
+        args.model, accelerator.device, getattr(torch, args.dtype), args.seed, args.widths
     )
     runner = Runner(args, variant, comps, accelerator)
     batches = make_batches(args, {"text_encoders": runner.encoders, "tokenizers": runner.tokenizers}, 2)
@@ -451,7 +453,7 @@ def held_bytes(optimizer) -> dict:
     return {"held_bytes": sum(storages.values()) + grads, "aux_params": aux}
 
 
-def measure_memory(args: argparse.Namespace, accelerator) -> dict:
+def measure_memory(args: StepCostOptions, accelerator) -> dict:
     """Per variant: in this process, one at a time, on a GPU; in a fresh subprocess each on a CPU."""
     out = {}
     for variant in args.variants:
@@ -470,7 +472,7 @@ def measure_memory(args: argparse.Namespace, accelerator) -> dict:
 
 
 # -- the update, piece by piece -------------------------------------------------------------------------------
-def update_breakdown(args: argparse.Namespace, accelerator) -> dict:
+def update_breakdown(args: StepCostOptions, accelerator) -> dict:
     """Median time of the whole update after one forward/backward, for lora and bilora: the per-tensor update
     (``flat=False``: fused AdamW over every adapter tensor, per-role gradient clip, batched aux clip) and the
     library's default, the flat update (`bilora_diffusion.optim.flat`). Milliseconds by the run's clock."""
@@ -480,7 +482,7 @@ def update_breakdown(args: argparse.Namespace, accelerator) -> dict:
         row: dict[str, float] = {}
         for flat in (False, True):
             args.per_tensor_update = not flat
-            comps = build_components(args.model, accelerator.device, dtype, args.seed, args.unet_widths)
+            comps = build_components(args.model, accelerator.device, dtype, args.seed, args.widths)
             runner = Runner(args, variant, comps, accelerator)
             mb = make_batches(args, {"text_encoders": runner.encoders, "tokenizers": runner.tokenizers}, 1)[0]
             runner.step(mb)
@@ -602,68 +604,82 @@ def plot(result: dict, path: Path) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(MODELS), default="sdxl-topology-small")
-    p.add_argument("--resolution", type=int, default=None, help="pixels; default 1024 (sdxl), 256 (small)")
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument(
-        "--unet_widths",
-        type=lambda v: tuple(int(w) for w in v.split(",")),
-        default=None,
-        help="override the UNet's block_out_channels, e.g. 160,320,320 (default: the model's)",
+@dataclass
+class StepCostOptions:
+    """Options of this benchmark (the project's typed options: ``--help``, ``--config FILE.yaml``)."""
+
+    usage = "usage: python benchmarks/step_cost.py [--model M] [--resolution N] [--variants V ...] [--quick] [...]"
+
+    model: str = opt("sdxl-topology-small", "Model topology.", choices=tuple(sorted(MODELS)))
+    resolution: int | None = opt(None, "Pixels; default 1024 (sdxl), 256 (small).")
+    batch_size: int = opt(1, "Batch size.")
+    unet_widths: str | None = opt(
+        None, "Override the UNet's block_out_channels, e.g. 160,320,320 (default: the model's)."
     )
-    p.add_argument("--train_text_encoder", action="store_true", help="LoRA on both text encoders too")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=None, help="measured rounds (default 20, --quick 6)")
-    p.add_argument("--warmup", type=int, default=None, help="unmeasured rounds (default 3, --quick 2)")
-    p.add_argument("--memory_steps", type=int, default=2, help="steps of each memory run")
-    p.add_argument("--no_memory", action="store_true")
-    p.add_argument(
-        "--per_tensor_update",
-        action="store_true",
-        help="every variant steps each adapter tensor (build_optimizer(flat=False)) instead of the default flat "
-        "update, for comparison",
+    train_text_encoder: bool = opt(False, "LoRA on both text encoders too.")
+    variants: list[str] = opt(list(VARIANTS), f"Variants to measure (of {', '.join(VARIANTS)}); lora always.")
+    steps: int | None = opt(None, "Measured rounds (default 20, --quick 6).")
+    warmup: int | None = opt(None, "Unmeasured rounds (default 3, --quick 2).")
+    memory_steps: int = opt(2, "Steps of each memory run.")
+    no_memory: bool = opt(False, "Skip the memory runs.")
+    per_tensor_update: bool = opt(
+        False,
+        "Every variant steps each adapter tensor (build_optimizer(flat=False)) instead of the default flat "
+        "update, for comparison.",
     )
-    p.add_argument("--quick", action="store_true", help="short CPU run: fewer rounds")
-    p.add_argument(
-        "--update_breakdown", action="store_true", help="only time the pieces of the update (lora, bilora)"
+    quick: bool = opt(False, "Short CPU run: fewer rounds.")
+    update_breakdown: bool = opt(False, "Only time the pieces of the update (lora, bilora).")
+    device: str | None = opt(None, "Default: cuda if available, else cpu.")
+    dtype: str | None = opt(None, "Weights dtype; default bfloat16 on cuda, float32 on cpu.")
+    gradient_checkpointing: bool | None = opt(
+        None, "Default: on for sdxl, off for sdxl-topology-small (--no-gradient_checkpointing: off)."
     )
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="weights dtype; default bfloat16 on cuda, float32 on cpu")
-    p.add_argument(
-        "--gradient_checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: on for sdxl, off for sdxl-topology-small",
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default on CPU: 1; see RESULTS.md for why)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/step_cost_<...>)")
-    p.add_argument("--verbose", action="store_true")
-    p.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    args.resolution = args.resolution or (1024 if args.model == "sdxl" else 256)
-    if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = args.model == "sdxl"
-    if args.device == "cpu" and args.threads is None:
-        # On a shared CPU, OpenMP teams of 2+ threads wait on each other's preempted threads: steps measured
-        # 5-50x slower and erratic here at load 6 on 2 cores; one thread per process keeps them repeatable.
-        args.threads = 1
-    args.steps = args.steps or (6 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
-    if "lora" not in args.variants:
-        args.variants = ["lora", *args.variants]
-    return args
+    threads: int | None = opt(None, "torch threads (default on CPU: 1; see RESULTS.md for why).")
+    seed: int = opt(0, "Seed of the models and batches.")
+    out: str | None = opt(None, "Output stem (default benchmarks/results/step_cost_<...>).")
+    verbose: bool = opt(False, "Print every round.")
+    _memory_child: str | None = opt(None, "Internal: the variant a memory-measuring child process runs.")
+
+    def validate(self) -> None:
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad:
+            raise OptionError(f"--variants: must be some of {', '.join(VARIANTS)}, got {bad[0]!r}")
+        try:
+            self.widths  # noqa: B018 (the check)
+        except ValueError:
+            raise OptionError(
+                f"--unet_widths: expected integers like 160,320,320, got {self.unet_widths!r}"
+            ) from None
+
+    @property
+    def widths(self) -> tuple[int, ...] | None:
+        """--unet_widths as a tuple."""
+        return tuple(int(w) for w in self.unet_widths.split(",")) if self.unet_widths else None
+
+    def resolve(self) -> StepCostOptions:
+        """The defaults that depend on the device and model, filled in."""
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
+        self.resolution = self.resolution or (1024 if self.model == "sdxl" else 256)
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.model == "sdxl"
+        if self.device == "cpu" and self.threads is None:
+            # On a shared CPU, OpenMP teams of 2+ threads wait on each other's preempted threads: steps measured
+            # 5-50x slower and erratic here at load 6 on 2 cores; one thread per process keeps them repeatable.
+            self.threads = 1
+        self.steps = self.steps or (6 if self.quick else 20)
+        self.warmup = self.warmup if self.warmup is not None else (2 if self.quick else 3)
+        if "lora" not in self.variants:
+            self.variants = ["lora", *self.variants]
+        return self
 
 
-def run_breakdown(args: argparse.Namespace, accelerator) -> dict:
+StepCostOptions.usage += "\n\n" + __doc__.split("\n\n")[0]
+
+
+def run_breakdown(args: StepCostOptions, accelerator) -> dict:
     """``--update_breakdown``: the table on stdout and ``step_cost_<model>_<resolution>_update.json``."""
-    suffix = "_w" + "-".join(map(str, args.unet_widths)) if args.unet_widths else ""
+    suffix = "_w" + "-".join(map(str, args.widths)) if args.widths else ""
     suffix += "_te" if args.train_text_encoder else ""
     stem = args.out or str(RESULTS / f"step_cost_{args.model}_{args.resolution}{suffix}_update")
     result = {
@@ -681,7 +697,11 @@ def run_breakdown(args: argparse.Namespace, accelerator) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    """Run the benchmark; a bad option exits with code 2 and one line."""
+    return run_cli(lambda args: run(args.resolve(), argv), StepCostOptions, argv, prog="step_cost.py")
+
+
+def run(args: StepCostOptions, argv: list[str] | None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = make_accelerator(args)
@@ -692,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.update_breakdown:
         return run_breakdown(args, accelerator)
-    suffix = "_w" + "-".join(map(str, args.unet_widths)) if args.unet_widths else ""
+    suffix = "_w" + "-".join(map(str, args.widths)) if args.widths else ""
     suffix += ("_te" if args.train_text_encoder else "") + ("_pertensor" if args.per_tensor_update else "")
     suffix += "_quick" if args.quick else ""
     stem = args.out or str(RESULTS / f"step_cost_{args.model}_{args.resolution}{suffix}")
@@ -703,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "resolution": args.resolution,
         "batch_size": args.batch_size,
-        "unet_widths": list(args.unet_widths or MODELS[args.model][0]["block_out_channels"]),
+        "unet_widths": list(args.widths or MODELS[args.model][0]["block_out_channels"]),
         "train_text_encoder": args.train_text_encoder,
         "dtype": args.dtype,
         "gradient_checkpointing": args.gradient_checkpointing,

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import BiLoRAConfig
+from .errors import CheckpointError
 from .files import umask_dir
 from .state import STATE_FILE, load_bilora_state, save_bilora_state
 
@@ -43,10 +44,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 def optimizer_shard_name(rank: int, world: int) -> str:
     return f"optimizer-rank{rank}-of-{world}.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or does not fit this run; the message says which and why."""
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

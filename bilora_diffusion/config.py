@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 METHODS = ("lora", "bilora", "dual-descent", "lora-sam", "flat-lora")
 """Training methods of the toolkit (`bilora_diffusion.optim.methods`): one-pass methods first, then the two baselines that need a
 closure (lora-sam: two passes; flat-lora: perturbs W0 before its one pass)."""
@@ -26,10 +28,6 @@ PRIMARY = "default"
 """PEFT adapter name of the primary branch: every stock PEFT/diffusers save path exports exactly this one."""
 AUX = "bilora_aux"
 """PEFT adapter name of the auxiliary (ascending) branch; it never leaves training."""
-
-
-class ConfigError(ValueError):
-    """An option has a wrong value. The message starts with the option's name."""
 
 
 def _option(default: Any, help: str, *, choices: tuple | None = None) -> Any:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 _lock = threading.Lock()
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+"""Names taken as one checkpoint file (a safetensors file is checked; a pickled one is refused)."""
+
 
 def current_umask() -> int:
     """The process's umask (read from /proc on Linux; elsewhere set and restored under a lock)."""

@@ -26,7 +26,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .options import OptionError
+from .errors import BaseModelError
+from .files import SINGLE_FILE_SUFFIXES
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 """The default base model of train_sdxl.py when any argument is given (as in diffusers' SDXL scripts)."""
@@ -38,12 +39,6 @@ KINDS = {
     "clip": ("config.json", "a model"),  # scoring models (--validation_clip_model, bilora-score)
 }
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-"""Names taken as one checkpoint file (a safetensors file is checked; a pickled one is refused)."""
-
-
-class BaseModelError(OptionError):
-    """The base model named by an option cannot be used; the message names the option, the model and why."""
 
 
 def hub_offline() -> bool:
@@ -201,30 +196,3 @@ def _resolve_hub(repo_id: str, kind: str, revision: str | None, flag: str) -> st
     if kind == "sdxl":
         _check_sdxl_index(Path(cached), repo_id, flag)
     return str(Path(cached).parent)
-
-
-# -- loading and casting without warnings a user cannot act on ------------------------------------------------
-
-
-def dtype_kwargs(dtype) -> dict:
-    """The ``from_pretrained`` keyword for a dtype: ``dtype=`` where diffusers has it (``torch_dtype`` is
-    deprecated there with a FutureWarning), ``torch_dtype=`` on the older diffusers this project supports."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
-
-
-def cast(model, device=None, dtype=None):
-    """``model.to(device, dtype)``. A diffusers model that keeps no module in float32 (the SDXL UNet and VAE)
-    is cast by torch's own ``Module.to``: diffusers' ``to()`` logs "There are modules in ... that should be
-    kept in float32: []" on every dtype cast, even when that list is empty. A model that does keep some in
-    float32, or a quantized one, goes through its own ``to()``."""
-    import torch
-
-    if device is not None:
-        model = model.to(device)
-    if dtype is None:
-        return model
-    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "is_quantized", False):
-        return model.to(dtype=dtype)
-    return torch.nn.Module.to(model, dtype=dtype)

@@ -24,11 +24,8 @@ from typing import Any
 
 import yaml
 
-from .config import METHODS, BiLoRAConfig, ConfigError
-
-
-class OptionError(ValueError):
-    """A bad option (unknown, wrong type, out of range). The message names it."""
+from .config import METHODS, BiLoRAConfig
+from .errors import BiLoRAError, ConfigError, OptionError
 
 
 def opt(
@@ -150,7 +147,8 @@ def read_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
 
 
 def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
-    """``--name value`` / ``--name=value`` / bare ``--flag`` (booleans) / ``--name v1 v2`` (lists)."""
+    """``--name value`` / ``--name=value`` / bare ``--flag`` or ``--no-flag`` (booleans) / ``--name v1 v2`` or
+    ``--name v1 --name v2`` (lists)."""
     types_ = _field_types(cls)
     config_path, values, i = None, {}, 0
     while i < len(argv):
@@ -169,6 +167,14 @@ def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
                 raise OptionError("--config takes one YAML file")
             config_path = args[0]
             continue
+        negated = (
+            name not in types_
+            and name not in aliases(cls)
+            and name.startswith("no_")
+            and _base_type(types_.get(aliases(cls).get(name[3:], name[3:])))[0] is bool
+        )
+        if negated and not args:
+            name, args = name[3:], ["false"]  # --no-flag: argparse's BooleanOptionalAction spelling
         key = aliases(cls).get(name, name)  # --lora_alpha sets alpha; messages keep the spelling used
         if key not in types_:
             raise _unknown(name, list(types_) + list(aliases(cls)) + ["config"], "on the command line")
@@ -179,7 +185,9 @@ def parse_cli(argv: list[str], cls: type) -> tuple[str | None, dict[str, Any]]:
             raise OptionError(f"--{name}: missing value")
         if not is_list and len(args) > 1:
             raise OptionError(f"--{name}: expected one value, got {len(args)}: {args}")
-        values[key] = _convert(name, args if is_list else args[0], types_[key])
+        value = _convert(name, args if is_list else args[0], types_[key])
+        # A list option given twice collects both (--prompt a --prompt b), as argparse's action="append" does.
+        values[key] = values[key] + value if is_list and values.get(key) is not None else value
     return config_path, values
 
 
@@ -226,13 +234,21 @@ def to_yaml(options: Any) -> str:
     return yaml.safe_dump(asdict(options), sort_keys=False)
 
 
-def run_cli(main, cls: type, argv: list[str] | None = None, user_errors: tuple[type, ...] = ()) -> Any:
-    """Parse options and run ``main(options)``. A bad option (or one of ``user_errors``: bad data, an
-    incompatible checkpoint) exits with code 2 and one line naming the problem."""
+def run_cli(
+    main,
+    cls: type,
+    argv: list[str] | None = None,
+    user_errors: tuple[type, ...] = (),
+    prog: str | None = None,
+) -> Any:
+    """Parse options and run ``main(options)``. A bad option or any other `BiLoRAError` (bad data, an
+    incompatible checkpoint, a refused export; and ``user_errors``, e.g. ``OSError``) exits with code 2 and one
+    line naming the problem: ``error: ...``, or ``PROG: error: ...`` with ``prog`` (argparse's convention)."""
     try:
         return main(parse_options(cls, argv))
-    except (OptionError, *user_errors) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (BiLoRAError, *user_errors) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

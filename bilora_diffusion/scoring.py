@@ -14,18 +14,18 @@ TensorBoard), and ``bilora-score`` scores any folder of images::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .errors import OptionError
 from .hub import resolve_base_model
-from .options import OptionError
+from .options import opt, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -196,26 +196,38 @@ def prompts_for(files: list[Path], prompts_file: str | None, prompt: str | None)
     return [p.read_text().strip() for p in captions]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bilora-score",
-        description="Score images with the paper's CLIP metrics (CLIP I2T; CLIP/DINO I2I with --reference).",
+@dataclass
+class ScoreOptions:
+    """Options of ``bilora-score``."""
+
+    usage = (
+        "usage: bilora-score --images DIR --clip_model MODEL [--prompts FILE | --prompt TEXT] [--dino_model MODEL]\n"
+        "       [--reference DIR] [--output FILE.json] [--device DEVICE]\n\n"
+        "Score images with the paper's CLIP metrics (CLIP I2T; CLIP/DINO I2I with --reference)."
     )
-    p.add_argument("--images", required=True, help="Folder of images (searched recursively, sorted by name).")
-    p.add_argument("--prompts", default=None, help="Text file: one prompt, or one line per image.")
-    p.add_argument("--prompt", default=None, help="One prompt for every image.")
-    p.add_argument("--clip_model", required=True, help="CLIP model: Hub id or local folder.")
-    p.add_argument("--dino_model", default=None, help="Optional DINO ViT (Hub id or folder) for DINO I2I.")
-    p.add_argument("--reference", default=None, help="Folder of reference (training) images for I2I.")
-    p.add_argument("--output", default=None, help="Write the per-image scores and means as JSON here.")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+
+    images: str | None = opt(
+        None, "Folder of images (searched recursively, sorted by name); required.", path=True
+    )
+    prompts: str | None = opt(None, "Text file: one prompt, or one line per image.", path=True)
+    prompt: str | None = opt(None, "One prompt for every image.")
+    clip_model: str | None = opt(None, "CLIP model: Hub id or local folder; required.")
+    dino_model: str | None = opt(None, "Optional DINO ViT (Hub id or folder) for DINO I2I.")
+    reference: str | None = opt(None, "Folder of reference (training) images for I2I.", path=True)
+    output: str | None = opt(None, "Write the per-image scores and means as JSON here.")
+    device: str | None = opt(None, "Default: cuda if available, else cpu.")
+
+    def validate(self) -> None:
+        for flag in ("images", "clip_model"):
+            if not getattr(self, flag):
+                raise OptionError(f"--{flag} is required")
 
 
-def score_folder(args: argparse.Namespace) -> dict:
+def score_folder(args: ScoreOptions) -> dict:
     files = image_files(args.images)
     prompts = prompts_for(files, args.prompts, args.prompt)
-    scorer = ClipScorer(args.clip_model, args.dino_model, args.device, ("--clip_model", "--dino_model"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = ClipScorer(args.clip_model, args.dino_model, device, ("--clip_model", "--dino_model"))
     if args.reference:
         scorer.set_references([Image.open(p) for p in image_files(args.reference)])
     per_image: dict[str, list[float]] = {}
@@ -231,18 +243,19 @@ def score_folder(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    try:
-        result = score_folder(args)
-    except OptionError as err:
-        print(f"bilora-score: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+def score(args: ScoreOptions) -> dict:
+    """Score the folder; print the means, write ``--output``."""
+    result = score_folder(args)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
     n = len(result["images"])
     print(f"{n} images: " + ", ".join(f"{k} {v:.2f}" for k, v in result["mean"].items()))
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``bilora-score``: exit 2 with a one-line error on a bad option, model or image folder."""
+    return run_cli(score, ScoreOptions, None if argv is None else list(argv), prog="bilora-score")
 
 
 if __name__ == "__main__":

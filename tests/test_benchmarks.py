@@ -154,6 +154,7 @@ def test_step_cost_runs_the_variants_it_names(tmp_path):
     reference, and bilora trains twice lora's adapter parameters at equal primary rank."""
     spec = importlib.util.spec_from_file_location("step_cost", ROOT / "benchmarks" / "step_cost.py")
     step_cost = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = step_cost  # dataclasses look their module up there
     spec.loader.exec_module(step_cost)
     stem = tmp_path / "sc"
     argv = "--variants lora bilora bilora-unfused lora-peft --steps 1 --warmup 0".split()
@@ -170,3 +171,42 @@ def test_step_cost_runs_the_variants_it_names(tmp_path):
     assert variants["bilora"]["fused_layers"] == variants["lora"]["fused_layers"] == 560
     assert variants["bilora"]["trainable_params"] == 2 * variants["lora"]["trainable_params"]
     assert result["per_tensor_update"] is False
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_options_keep_their_argparse_spellings():
+    """Both benchmarks read the flags their argparse parsers took, through the typed parser: lists in a row,
+    --unet_widths 160,320,320, --no-gradient_checkpointing (argparse's BooleanOptionalAction), choices."""
+    from bilora_diffusion.errors import OptionError
+    from bilora_diffusion.options import parse_options
+
+    step_cost = _load("step_cost")
+    argv = "--model sdxl --variants bilora lora-peft --unet_widths 160,320,320 --quick --device cpu".split()
+    o = parse_options(step_cost.StepCostOptions, argv).resolve()
+    assert (o.variants, o.widths, o.gradient_checkpointing) == (
+        ["lora", "bilora", "lora-peft"],
+        (160, 320, 320),
+        True,
+    )
+    assert (o.steps, o.warmup, o.threads, o.dtype, o.resolution) == (6, 2, 1, "float32", 1024)
+    o = parse_options(step_cost.StepCostOptions, [*argv, "--no-gradient_checkpointing"]).resolve()
+    assert o.gradient_checkpointing is False
+    for bad in (["--variants", "nope"], ["--unet_widths", "a,b"], ["--model", "sd15"]):
+        with pytest.raises(OptionError, match=bad[0]):
+            parse_options(step_cost.StepCostOptions, bad)
+
+    generalization = _load("generalization")
+    argv = "--quick --methods lora bilora --rho bilora=0.01 lora-sam=0.05 --aux_lr_grid 0.01 --aux_lr_factors 1 3"
+    s = generalization.settings_from(parse_options(generalization.GeneralizationOptions, argv.split()))
+    assert s.methods == ["lora", "bilora"] and (s.rho["bilora"], s.rho["lora-sam"]) == (0.01, 0.05)
+    assert list(s.grid) == ["bilora rho=0.01 aux_lr 1x", "bilora rho=0.01 aux_lr 3x"]
+    for bad in (["--methods", "nope"], ["--rho", "0.01"]):
+        with pytest.raises(OptionError, match=bad[0]):
+            parse_options(generalization.GeneralizationOptions, bad)

@@ -21,14 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bilora_diffusion import AUX, PRIMARY, BiLoRAConfig, attach_bilora, bilora_layers
-from bilora_diffusion.export import (
+from bilora_diffusion.peft_glue import lora_pair
+from bilora_diffusion.sdxl.export import (
     DIFFUSERS_FILE,
     ExportError,
     export_from_folder,
     export_lora,
     main,
 )
-from bilora_diffusion.peft_glue import lora_pair
 from bilora_diffusion.sdxl.kohya import KeyMapError, unet_sgm_path
 from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
 from bilora_diffusion.state import STATE_FILE, save_bilora_state
@@ -491,3 +491,25 @@ def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
     assert exit_info.value.code == 2
     assert "--format" in capsys.readouterr().err
     assert "missing: no such folder" in refused(["--input", str(tmp_path / "missing")], capsys)
+    assert "--input is required" in refused(["--format", "kohya"], capsys)
+    assert "unknown option 'fromat'" in refused(["--input", str(tmp_path), "--fromat", "kohya"], capsys)
+
+
+def test_cli_options_keep_every_flag_and_default() -> None:
+    """bilora-export's typed options: the flags and defaults its argparse parser had, in the typed parser."""
+    from bilora_diffusion.options import format_help, parse_options
+    from bilora_diffusion.sdxl.export import ExportOptions
+
+    o = parse_options(ExportOptions, ["--input", "run", "--fuse", "--overwrite", "--save_dtype", "fp16"])
+    assert (o.input, o.fuse, o.overwrite, o.save_dtype, o.format, o.output) == (
+        "run",
+        True,
+        True,
+        "fp16",
+        "both",
+        None,
+    )
+    flags = ["--input", "--output", "--overwrite", "--format", "--save_dtype", "--fuse", "--output_name",
+             "--pretrained_model_name_or_path"]  # fmt: skip
+    help_text = format_help(ExportOptions)
+    assert help_text.startswith("usage: bilora-export") and all(f"  {f} " in help_text for f in flags)

@@ -17,9 +17,9 @@ from conftest import make_image_folder
 
 from bilora_diffusion import hub
 from bilora_diffusion.data import DataError
-from bilora_diffusion.export import main as export_main
 from bilora_diffusion.hub import SDXL_BASE, BaseModelError, resolve_base_model
 from bilora_diffusion.options import OptionError, format_help, parse_options
+from bilora_diffusion.sdxl.export import main as export_main
 from bilora_diffusion.sdxl.options import TOY_MODEL, SDXLOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def test_train_sdxl_missing_base_model_exits_2_in_one_line(tmp_path):
 
 
 def test_generate_and_export_fuse_refuse_a_missing_base_in_one_line(tmp_path, capsys):
-    from bilora_diffusion.generate import main as generate_main
+    from bilora_diffusion.sdxl.generate import main as generate_main
 
     with pytest.raises(SystemExit) as exit_info:
         generate_main(["--pretrained_model_name_or_path", str(tmp_path / "gone"), "--prompt", "x"])
@@ -296,7 +296,7 @@ def test_fused_export_has_umask_modes_and_no_warnings(demo_run, tmp_path):
 
 
 def test_loading_a_pipeline_raises_no_deprecation_warning():
-    from bilora_diffusion.generate import load_pipeline
+    from bilora_diffusion.sdxl.generate import load_pipeline
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

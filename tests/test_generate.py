@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from bilora_diffusion import AUX, PRIMARY, BiLoRAConfig, attach_bilora, bilora_layers
-from bilora_diffusion.export import DIFFUSERS_FILE, ExportError, check_lora_file, export_lora
-from bilora_diffusion.generate import main
 from bilora_diffusion.peft_glue import lora_pair
+from bilora_diffusion.sdxl.export import DIFFUSERS_FILE, ExportError, check_lora_file, export_lora
+from bilora_diffusion.sdxl.generate import main
 
 PROMPTS = ["a red cube", "a blue ball"]
 SEEDS = [0, 7]
@@ -221,3 +221,26 @@ def test_compare_needs_a_lora(tiny_sdxl_dir: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--pretrained_model_name_or_path", tiny_sdxl_dir, "--prompt", "x", "--compare"])
     assert exit_info.value.code == 2 and "--compare needs --lora" in capsys.readouterr().err
+
+
+def test_options_keep_argparse_spellings() -> None:
+    """The typed parser reads bilora-generate's flags as its argparse parser did: repeated --prompt / --seed
+    collect (action="append"), a bare --compare is true, --dtype is checked against its choices."""
+    from bilora_diffusion.errors import OptionError
+    from bilora_diffusion.options import parse_options
+    from bilora_diffusion.sdxl.generate import GenerateOptions
+
+    argv = ["--pretrained_model_name_or_path", "base", "--prompt", "a red cube", "--prompt", "a blue ball",
+            "--seed", "0", "--seed=7", "--lora", "x.safetensors", "--compare", "--guidance_scale", "2.5"]  # fmt: skip
+    o = parse_options(GenerateOptions, argv)
+    assert (o.prompt, o.seed, o.compare, o.guidance_scale) == (
+        ["a red cube", "a blue ball"],
+        [0, 7],
+        True,
+        2.5,
+    )
+    assert (o.num_inference_steps, o.dtype, o.output_dir, o.height) == (30, "fp32", "samples", None)
+    for bad, flag in ((["--dtype", "fp8"], "--dtype"), (["--seed", "x"], "--seed"), ([], "--prompt")):
+        base = ["--pretrained_model_name_or_path", "base"] + ([] if flag == "--prompt" else ["--prompt", "p"])
+        with pytest.raises(OptionError, match=flag):
+            parse_options(GenerateOptions, base + bad)

@@ -15,9 +15,15 @@ from test_train_sdxl import adapters, options
 
 from bilora_diffusion import AUX, PRIMARY, BiLoRAConfig, attach_bilora, aux_disabled, build_optimizer
 from bilora_diffusion.config import METHODS, ConfigError
-from bilora_diffusion.export import DIFFUSERS_FILE, ExportError, check_lora_file, export_lora, lora_modules
 from bilora_diffusion.options import OptionError, parse_options
 from bilora_diffusion.peft_glue import aux_norm, bilora_layers, branch_parameters, lora_pair
+from bilora_diffusion.sdxl.export import (
+    DIFFUSERS_FILE,
+    ExportError,
+    check_lora_file,
+    export_lora,
+    lora_modules,
+)
 from bilora_diffusion.sdxl.loss import MicroBatch, denoising_loss, draw_noise, micro_batch_loss
 from bilora_diffusion.sdxl.options import SDXLOptions
 from bilora_diffusion.sdxl.prior import CLASS_IMAGE, missing_class_images, prior_loss

@@ -293,7 +293,7 @@ def _images(components, lora_dir=None) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["bilora", "lora"])
 def test_train_on_a_single_file_and_export(tiny_sdxl_dir, single_file, image_folder, tmp_path, method):
-    from bilora_diffusion.export import export_from_folder
+    from bilora_diffusion.sdxl.export import export_from_folder
     from bilora_diffusion.sdxl.train import train
 
     out = tmp_path / "out"
@@ -340,7 +340,7 @@ def test_train_on_a_single_file_and_export(tiny_sdxl_dir, single_file, image_fol
     # bilora-generate renders the single-file base with the kohya file through stock diffusers: it changes them.
     from PIL import Image
 
-    from bilora_diffusion.generate import main as generate_main
+    from bilora_diffusion.sdxl.generate import main as generate_main
 
     shots = tmp_path / "shots"
     argv = ["--pretrained_model_name_or_path", str(single_file), "--single_file_config", tiny_sdxl_dir,

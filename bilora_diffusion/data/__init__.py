@@ -6,8 +6,9 @@
 """
 
 from bilora_diffusion.data.buckets import assign_bucket, epoch_batches, make_buckets, resize_size
-from bilora_diffusion.data.common import IMAGE_EXTENSIONS, DataError, RowSource
+from bilora_diffusion.data.common import IMAGE_EXTENSIONS, RowSource
 from bilora_diffusion.data.records import Record, ScanReport, load_records, open_image
+from bilora_diffusion.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

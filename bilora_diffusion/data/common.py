@@ -10,13 +10,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 
 
-class DataError(ValueError):
-    """A dataset problem found before (or, for a file changed since the scan, during) training.
-
-    The message always names the file, the dataset or the option to change.
-    """
-
-
 @dataclass(frozen=True)
 class RowSource:
     """Where a sample of a Hugging Face dataset lives: `dataset[row][column]`, the column not decoded.

@@ -20,9 +20,10 @@ from typing import Any
 
 from PIL import Image
 
-from bilora_diffusion.data.common import DataError, RowSource, image_value_bytes, read_file
+from bilora_diffusion.data.common import RowSource, image_value_bytes, read_file
 from bilora_diffusion.data.images import BadImage, ImageInfo, decode_rgb, inspect_image, strict_truncation
 from bilora_diffusion.data.sources import Candidate, SourceListing, open_source
+from bilora_diffusion.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from typing import Any
 from bilora_diffusion.data.common import (
     IMAGE_EXTENSIONS,
     METADATA_NAMES,
-    DataError,
     RowSource,
     image_value_bytes,
 )
+from bilora_diffusion.errors import DataError
 
 # Files a folder dataset may hold next to its images without being bad samples.
 _HARMLESS_PREFIXES = ("readme", "license", "licence")

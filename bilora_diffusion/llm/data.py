@@ -24,18 +24,13 @@ from typing import Any
 
 import torch
 
-from ..data.common import DataError
+from ..errors import DataError, TemplateError
 
 logger = logging.getLogger(__name__)
 
 IGNORE = -100
 """Label of tokens the loss skips (prompt, padding): torch's cross-entropy ignore_index."""
 _TOKENIZE_CHUNK = 1000
-
-
-class TemplateError(DataError):
-    """The tokenizer's chat template cannot serve (none, or prefixes not rendered as prefixes): a property
-    of the tokenizer, so it stops the run instead of skipping rows."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..data.common import DataError
+from ..errors import DataError
 from ..options import OptionError, check_choices, opt, run_cli
 from .data import prompt_ids, read_rows, reference_text
 from .export import ADAPTER_CONFIG
@@ -293,7 +293,7 @@ def evaluate(options: EvalOptions) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run_cli(evaluate, EvalOptions, argv, (DataError,))
+    return run_cli(evaluate, EvalOptions, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """kohya's SDXL LoRA names: diffusers module paths -> ``lora_unet_`` / ``lora_te1_`` / ``lora_te2_`` stems.
 
 ComfyUI, AUTOMATIC1111 and Forge match a kohya SDXL LoRA by the module paths of Stability's original (SGM)
-UNet, not diffusers' (see shared/FORMATS.md). The map below is the general rule for a diffusers
+UNet, not diffusers'. The map below is the general rule for a diffusers
 ``UNet2DConditionModel`` whose SGM counterpart has ``layers_per_block`` resnets per down level and
 ``layers_per_block + 1`` per up level:
 
@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..errors import KeyMapError
+
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -38,8 +40,8 @@ _RESNET = {
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
-# Modules outside the block structure. time_embed / label_emb are deliberately absent: FORMATS.md says not to
-# target them (loaders disagree on them), so a LoRA on them is refused rather than written.
+# Modules outside the block structure. time_embed / label_emb are deliberately absent: loaders disagree on them,
+# so a LoRA on them is refused rather than written.
 _TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _TEXT_ENCODER_LEAVES = {
     "self_attn.q_proj",
@@ -50,10 +52,6 @@ _TEXT_ENCODER_LEAVES = {
     "mlp.fc2",
 }
 _TEXT_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
-
-
-class KeyMapError(ValueError):
-    """A module has no kohya SDXL name that loaders accept. The message names the module."""
 
 
 def _get(config: Mapping[str, Any] | Any, key: str) -> Any:

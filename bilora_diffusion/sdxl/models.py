@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-
-@dataclass
-class SDXLComponents:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
-    tokenizer: object
-    tokenizer_2: object
-    noise_scheduler: DDPMScheduler
-
-    @property
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [self.text_encoder, self.text_encoder_2]
-
-    @property
-    def tokenizers(self) -> list[object]:
-        return [self.tokenizer, self.tokenizer_2]
+from .components import SDXLComponents
+from .single_file import is_single_file, load_single_file_components, load_vae_file
 
 
 def load_components(
@@ -38,8 +20,6 @@ def load_components(
     """Load the base model's parts from a Hub id, a local diffusers folder, or one SGM-layout .safetensors file
     (configs from ``single_file_config`` or the shipped SDXL base 1.0 ones; every tensor checked against the
     file). float32; the trainer casts."""
-    from .single_file import is_single_file, load_single_file_components, load_vae_file
-
     if is_single_file(path):
         return load_single_file_components(path, single_file_config, vae_path)
     kw = {"revision": revision}

@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
-from ..hub import SINGLE_FILE_SUFFIXES, BaseModelError, cast
+from ..errors import BaseModelError
+from ..files import SINGLE_FILE_SUFFIXES
+from .components import SDXLComponents, cast
 from .kohya import KeyMapError, unet_sgm_path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "single_file_config"
@@ -475,8 +477,6 @@ def load_single_file_components(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from .models import SDXLComponents
 
     folder = config_dir(single_file_config)
     check_single_file(path, "sdxl", flag)

@@ -19,7 +19,7 @@ from ..adapters import attach_bilora
 from ..checkpoint import CONFIG_FILE, check_free_space, list_checkpoints
 from ..data import DataError, assign_bucket, epoch_batches, load_records
 from ..data.captions import process_caption
-from ..hub import cast, resolve_base_model
+from ..hub import resolve_base_model
 from ..options import OptionError
 from ..peft_glue import aux_disabled, unwrap
 from ..scoring import check_model, score_validation
@@ -35,6 +35,8 @@ from ..training import (
 )
 from . import prior
 from .cache import LatentCache, TextEmbeddingCache, model_identity
+from .components import cast
+from .export import export_lora, training_metadata
 from .geometry import SampleGeometry, plan_geometry
 from .loss import MicroBatch, draw_noise, micro_batch_loss
 from .models import load_components, vae_scale_factor
@@ -583,8 +585,6 @@ class SDXLTrainer(Trainer):
     def export(self) -> list[Path]:
         """The primary branch as the LoRA files users take away (diffusers and/or kohya format); returns
         their paths."""
-        from ..export import export_lora, training_metadata
-
         o = self.opt
         unet_config = self.configs["unet"]
         resolved = {**asdict(o), "aux_rank": unet_config.aux_rank, "aux_alpha": unet_config.aux_alpha}

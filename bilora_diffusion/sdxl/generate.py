@@ -1,67 +1,76 @@
 """Render prompts with the stock ``StableDiffusionXLPipeline`` and an exported LoRA (either format).
 
 No subclass, no patched loader: what this renders is what a diffusers user gets from
-``pipe.load_lora_weights(file)``. The LoRA file is checked first (`bilora_diffusion.export.check_lora_file`:
+``pipe.load_lora_weights(file)``. The LoRA file is checked first (`bilora_diffusion.sdxl.export.verify.check_lora_file`:
 safetensors only, SDXL keys, shapes that fit this pipeline), so a wrong or hostile file stops with a one-line
 error before any loader sees it. ``--compare`` renders each seed without and with the LoRA, side by side.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
-from .config import ConfigError
-from .export import ExportError, check_lora_file, fail
-from .hub import dtype_kwargs, resolve_base_model
-from .sdxl.kohya import KeyMapError
+from ..errors import OptionError
+from ..hub import resolve_base_model
+from ..options import opt, run_cli
+from .components import dtype_kwargs
+from .export.verify import check_lora_file
 
+PROG = "bilora-generate"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAPTER_NAME = "bilora"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bilora-generate",
-        description="Render prompts x seeds to PNG with the stock StableDiffusionXLPipeline and an exported LoRA.",
+@dataclass
+class GenerateOptions:
+    """Options of ``bilora-generate``."""
+
+    usage = (
+        f"usage: {PROG} --pretrained_model_name_or_path BASE --prompt TEXT [--prompt TEXT ...] [--lora FILE]\n"
+        "       [--seed N ...] [--compare] [--output_dir DIR] [...]\n\n"
+        "Render prompts x seeds to PNG with the stock StableDiffusionXLPipeline and an exported LoRA."
     )
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        required=True,
-        help="base SDXL pipeline (folder or Hub id), or one .safetensors file in the original (SGM) layout",
+
+    pretrained_model_name_or_path: str | None = opt(
+        None,
+        "Base SDXL pipeline (folder or Hub id), or one .safetensors file in the original (SGM) layout (required).",
     )
-    parser.add_argument(
-        "--single_file_config",
-        default=None,
-        help="with a single-file base: a diffusers SDXL folder with its configs and tokenizers (default: the "
-        "shipped SDXL base 1.0 configs)",
+    single_file_config: str | None = opt(
+        None,
+        "With a single-file base: a diffusers SDXL folder with its configs and tokenizers (default: the shipped "
+        "SDXL base 1.0 configs).",
+        path=True,
     )
-    parser.add_argument(
-        "--lora", default=None, help="exported LoRA: a .safetensors file (diffusers or kohya) or its folder"
+    lora: str | None = opt(
+        None, "Exported LoRA: a .safetensors file (diffusers or kohya) or its folder.", path=True
     )
-    parser.add_argument("--prompt", action="append", required=True, help="repeatable")
-    parser.add_argument("--negative_prompt", default=None)
-    parser.add_argument("--seed", action="append", type=int, default=None, help="repeatable (default: 0)")
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument(
-        "--lora_scale", type=float, default=1.0, help="LoRA strength (multiplies alpha / rank)"
-    )
-    parser.add_argument(
-        "--compare", action="store_true", help="also render without the LoRA; write compare.png"
-    )
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 on a GPU")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--output_dir", default="samples")
-    return parser
+    prompt: list[str] = opt([], "Prompt (required); repeatable: --prompt A --prompt B.")
+    negative_prompt: str | None = opt(None, "Negative prompt.")
+    seed: list[int] | None = opt(None, "Seed; repeatable (default: 0).")
+    num_inference_steps: int = opt(30, "Denoising steps.")
+    guidance_scale: float = opt(5.0, "Classifier-free guidance scale.")
+    height: int | None = opt(None, "Image height; default: the model's native size.")
+    width: int | None = opt(None, "Image width; default: the model's native size.")
+    lora_scale: float = opt(1.0, "LoRA strength (multiplies alpha / rank).")
+    compare: bool = opt(False, "Also render without the LoRA; write compare.png.")
+    dtype: str = opt("fp32", "fp16/bf16 on a GPU.", choices=tuple(DTYPES))
+    device: str | None = opt(None, "Default: cuda if available, else cpu.")
+    output_dir: str = opt("samples", "Folder of the PNG files.")
+
+    def validate(self) -> None:
+        if not self.pretrained_model_name_or_path:
+            raise OptionError("--pretrained_model_name_or_path is required")
+        if not self.prompt:
+            raise OptionError("--prompt is required")
+        if self.compare and not self.lora:
+            raise OptionError("--compare needs --lora")
 
 
 def load_pipeline(base: str, dtype: torch.dtype, device: str, single_file_config: str | None = None):
@@ -69,7 +78,7 @@ def load_pipeline(base: str, dtype: torch.dtype, device: str, single_file_config
     (SGM layout) is loaded offline with its configs from ``single_file_config`` or the shipped ones."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .sdxl.single_file import check_config, is_single_file, single_file_pipeline
+    from .single_file import check_config, is_single_file, single_file_pipeline
 
     resolve_base_model(base, "sdxl")  # a missing, unreachable or non-SDXL base: one line, before loading
     if is_single_file(base):
@@ -149,15 +158,11 @@ def _save(image: Image.Image, path: Path, info: dict) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``bilora-generate``: writes ``<output_dir>/NN_<prompt>_seedS.png`` (and with --compare ``*_base.png`` and
-    ``compare.png``: one row per prompt and seed, without | with the LoRA); prints the paths. Exit 2 with a
-    one-line error on a bad file or option."""
-    args = build_parser().parse_args(argv)
+def generate(args: GenerateOptions) -> int:
+    """Writes ``<output_dir>/NN_<prompt>_seedS.png`` (and with --compare ``*_base.png`` and ``compare.png``: one
+    row per prompt and seed, without | with the LoRA); prints the paths."""
     seeds = args.seed or [0]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.compare and not args.lora:
-        raise fail("bilora-generate", ValueError("--compare needs --lora"))
     out = Path(args.output_dir)
     options = dict(
         num_inference_steps=args.num_inference_steps,
@@ -166,17 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         width=args.width,
         negative_prompt=args.negative_prompt,
     )
-    try:
-        pipe = load_pipeline(
-            args.pretrained_model_name_or_path, DTYPES[args.dtype], device, args.single_file_config
-        )
-        base_images = render(pipe, args.prompt, seeds, **options) if args.compare or not args.lora else None
-        lora_images = None
-        if args.lora:
-            file, fmt = apply_lora(pipe, args.lora)
-            lora_images = render(pipe, args.prompt, seeds, lora_scale=args.lora_scale, **options)
-    except (ExportError, ConfigError, KeyMapError, OSError, ValueError) as err:
-        raise fail("bilora-generate", err) from None
+    pipe = load_pipeline(
+        args.pretrained_model_name_or_path, DTYPES[args.dtype], device, args.single_file_config
+    )
+    base_images = render(pipe, args.prompt, seeds, **options) if args.compare or not args.lora else None
+    lora_images = None
+    if args.lora:
+        file, fmt = apply_lora(pipe, args.lora)
+        lora_images = render(pipe, args.prompt, seeds, lora_scale=args.lora_scale, **options)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     rows = []
@@ -199,3 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``bilora-generate`` (and ``python pipelines/generate.py``): exit 2 with a one-line error on a bad option
+    or LoRA file (a user error, an unreadable file, or a value the pipeline refuses)."""
+    return run_cli(
+        generate, GenerateOptions, None if argv is None else list(argv), (OSError, ValueError), prog=PROG
+    )
