@@ -134,7 +134,7 @@ def test_sgd_step_equals_hand_computed_update(method):
     layers = list(bilora_layers(model))
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     eta = 0.05
-    # Reference: G = dL/dW at W0 + s1·B1·A1 + s2·B2·A2, then the update rules of DESIGN.md.
+    # Reference: G = dL/dW at W0 + s1·B1·A1 + s2·B2·A2, then the update rules of docs/design.md.
     weights = [merged_weight(layer).requires_grad_() for layer in layers]
     ref_loss = functional_loss(model, weights, x, y)
     grads = torch.autograd.grad(ref_loss, weights)

@@ -258,7 +258,7 @@ def test_kohya_stems_for_the_real_sdxl_topology(tmp_path: Path) -> None:
     ]:
         assert stem in stems, stem
     assert not any("encoder_layers" in s and "text_model_encoder_layers" not in s for s in stems)
-    # FORMATS.md's table: transformer blocks per SGM attention stack.
+    # docs/lora_formats.md (kohya stems): transformer blocks per SGM attention stack.
     depth: dict[str, set[int]] = {}
     for stem in stems:
         if "_transformer_blocks_" in stem:

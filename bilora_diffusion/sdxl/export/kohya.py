@@ -1,7 +1,7 @@
 """The kohya-format LoRA file (``<output_name>.safetensors``: ``lora_unet_`` + SGM path, ``lora_te1_`` /
 ``lora_te2_``, ``.lora_down.weight`` / ``.lora_up.weight`` / 0-dim ``.alpha``), the one ComfyUI, A1111 and
 Forge users load, and its header (kohya's ``ss_*`` and Stability's ``modelspec.*`` keys, plus how it was made).
-The key names themselves come from `bilora_diffusion.sdxl.kohya`; the format is described in docs/.
+The key names themselves come from `bilora_diffusion.sdxl.kohya`; the format is described in docs/lora_formats.md.
 """
 
 from __future__ import annotations
