@@ -6,18 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
 from PIL import Image
 
 from bilora_diffusion import compare, scoring
 from bilora_diffusion.options import OptionError
+from bilora_diffusion.testing import make_image_folder
 
 
 def save_tiny_clip(path, seed: int = 0) -> str:
     """A random CLIP (text and vision towers of one layer) with a local tokenizer and image processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from bilora_diffusion.sdxl.tiny import local_clip_tokenizer
+    from bilora_diffusion.testing import local_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = local_clip_tokenizer(("red", "blue", "square", "circle"))

@@ -30,8 +30,8 @@ from bilora_diffusion.sdxl.export import (
     main,
 )
 from bilora_diffusion.sdxl.kohya import KeyMapError, unet_sgm_path
-from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
 from bilora_diffusion.state import STATE_FILE, save_bilora_state
+from bilora_diffusion.testing import tiny_sdxl_components
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
 from safetensors.torch import load_file
 
 from bilora_diffusion.checkpoint import CheckpointError, list_checkpoints
 from bilora_diffusion.options import OptionError, parse_options
 from bilora_diffusion.sdxl.options import SDXLOptions
 from bilora_diffusion.sdxl.train import SDXLTrainer, train
+from bilora_diffusion.testing import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

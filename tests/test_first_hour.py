@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_image_folder
 
 from bilora_diffusion import hub
 from bilora_diffusion.data import DataError
@@ -21,6 +20,7 @@ from bilora_diffusion.hub import SDXL_BASE, BaseModelError, resolve_base_model
 from bilora_diffusion.options import OptionError, format_help, parse_options
 from bilora_diffusion.sdxl.export import main as export_main
 from bilora_diffusion.sdxl.options import TOY_MODEL, SDXLOptions
+from bilora_diffusion.testing import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a user's shell has: offline here, but no verbosity settings that would hide library warnings.

@@ -129,7 +129,7 @@ def unet_loss(model: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Ten
 def test_fused_equals_two_adapters_on_tiny_unet_linear_and_conv(dtype, rtol, optimizer_cls):
     """float32 at rtol 1e-5 and float64 at 1e-10: the two paths differ only by rounding. Adapter std 0.1: at 0.3
     this random UNet is so ill-conditioned that float32 rounding alone moves some gradients by 0.4 %."""
-    from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
+    from bilora_diffusion.testing import tiny_sdxl_components
 
     # Attention projections (Linear) and the resnets' 3x3 convolutions (Conv2d); s1 = s2 (the GEMM-alpha path).
     config = BiLoRAConfig(
@@ -145,7 +145,7 @@ def test_fused_equals_two_adapters_on_tiny_unet_linear_and_conv(dtype, rtol, opt
 
 
 def test_fused_equals_two_adapters_on_clip_text_encoder():
-    from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
+    from bilora_diffusion.testing import tiny_sdxl_components
 
     config = BiLoRAConfig(
         rank=4, alpha=4, aux_rank=2, aux_alpha=3, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -262,7 +262,7 @@ def test_batched_pair_norms_and_both_clip_paths_equal_explicit_products():
     """The Gram-matrix norms batched per shape equal ||s·B·A||² formed explicitly, and the aux clip of the
     per-tensor and of the flat update give the same tensors and norm, for every clip mode."""
     from bilora_diffusion.peft_glue import branch_pairs, pair_sq_norms
-    from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
+    from bilora_diffusion.testing import tiny_sdxl_components
 
     # Several shapes: attention projections of two widths, cross-attention keys, text-encoder projections.
     config = BiLoRAConfig(
@@ -323,7 +323,7 @@ def _flat_run(flat: bool, steps: int, resume_at: int | None = None) -> tuple[dic
     weight decay on the primary group only, a separate aux lr, gradient clipping that engages, the global
     aux clip and a cosine schedule; optionally saved and reloaded into a fresh optimizer at ``resume_at``.
     Returns the final parameters, the per-step primary grad norms and the aux norms."""
-    from bilora_diffusion.sdxl.tiny import tiny_sdxl_components
+    from bilora_diffusion.testing import tiny_sdxl_components
 
     config = BiLoRAConfig(
         rank=2,

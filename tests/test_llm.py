@@ -1,8 +1,6 @@
 """train_llm end to end on a tiny random LlamaForCausalLM with a tokenizer made locally (CPU, offline)."""
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,9 @@ from bilora_diffusion.llm.data import (
 from bilora_diffusion.llm.evaluate import extract_answer, reference_answer, score
 from bilora_diffusion.llm.evaluate import main as evaluate_main
 from bilora_diffusion.llm.options import LLMOptions
-from bilora_diffusion.llm.tiny import save_tiny_llama, tiny_tokenizer
 from bilora_diffusion.llm.train import train
 from bilora_diffusion.options import OptionError, parse_options
+from bilora_diffusion.testing import save_tiny_llama, tiny_tokenizer, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMS = [(2, 3), (4, 5), (10, 7), (1, 1)]
@@ -357,15 +355,7 @@ def test_two_processes_equal_one_process_with_accumulation(llm_dir, tmp_path):
         "--validation_steps",
         "2",
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29547", str(ROOT / "train_llm.py")]
-    proc = subprocess.run(
-        [*cmd, *common, "--output_dir", str(tmp_path / "mp")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = torchrun(ROOT / "train_llm.py", *common, "--output_dir", str(tmp_path / "mp"), port=29547)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = train(
         parse_options(

@@ -231,7 +231,7 @@ def test_resuming_a_checkpoint_of_another_optimizer_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory) -> Path:
-    from bilora_diffusion.llm.tiny import save_tiny_llama
+    from bilora_diffusion.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
 

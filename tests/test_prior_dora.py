@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
 from safetensors.torch import load_file
 from test_train_sdxl import adapters, options
 
@@ -29,6 +28,7 @@ from bilora_diffusion.sdxl.options import SDXLOptions
 from bilora_diffusion.sdxl.prior import CLASS_IMAGE, missing_class_images, prior_loss
 from bilora_diffusion.sdxl.train import train
 from bilora_diffusion.state import load_bilora_state, read_bilora_state
+from bilora_diffusion.testing import make_image_folder
 
 PRIOR = ["--with_prior_preservation", "--class_prompt", "a photo of a square", "--num_class_images", "3"]
 PRIOR += ["--sample_batch_size", "2", "--class_inference_steps", "2"]

@@ -131,12 +131,11 @@ def _counting(vae):
 
 
 def test_latent_cache_reused_after_a_record_is_removed_hits_every_remaining_record(tiny_sdxl, tmp_path):
-    from conftest import make_image_folder
-
     from bilora_diffusion.data import load_records
     from bilora_diffusion.sdxl.cache import LatentCache
     from bilora_diffusion.sdxl.geometry import plan_geometry
     from bilora_diffusion.sdxl.models import vae_scale_factor
+    from bilora_diffusion.testing import make_image_folder
 
     vae = tiny_sdxl["vae"]
     calls = _counting(vae)

@@ -14,24 +14,11 @@ import torch.nn.functional as F
 from bilora_diffusion import BiLoRAConfig, attach_bilora, build_optimizer
 from bilora_diffusion.config import METHODS
 from bilora_diffusion.optim.state_layout import to_tensors
+from bilora_diffusion.testing import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from fsdp_core import Toy, randomize  # noqa: E402
-
-
-def torchrun(script: str, *args: str, port: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        "torchrun",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        str(ROOT / "tests" / script),
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -40,7 +27,7 @@ def test_sharded_step_equals_one_process_for_every_method(tmp_path):
     B: the parameters, gradient norms, loss and aux norm after each step equal one process's on the whole
     batch; the clip holds globally (every rank computes the same c <= rho); the gathered optimizer state is
     the one-process state, and a fresh sharded optimizer that loads it takes the one-process next step."""
-    proc = torchrun("fsdp_core.py", str(tmp_path), *METHODS, port=29541)
+    proc = torchrun(ROOT / "tests" / "fsdp_core.py", str(tmp_path), *METHODS, port=29541)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = json.loads((tmp_path / "fsdp_core.json").read_text())
     assert set(reports) == set(METHODS)
@@ -99,8 +86,8 @@ def test_resumed_state_keeps_the_adapters_dtype():
 # -- the trainers under FSDP ----------------------------------------------------------------------------------
 from safetensors.torch import load_file  # noqa: E402
 
-from bilora_diffusion.llm.tiny import save_tiny_llama  # noqa: E402
 from bilora_diffusion.state import STATE_FILE, read_bilora_state  # noqa: E402
+from bilora_diffusion.testing import save_tiny_llama  # noqa: E402
 
 SUMS = [(2, 3), (4, 5), (10, 7), (1, 1), (6, 2), (3, 9), (8, 8), (5, 1)]
 
@@ -161,7 +148,7 @@ def test_llm_fsdp_two_processes_equal_one_process_and_resume(llm_setup, tmp_path
     )
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = torchrun(
-        "../train_llm.py",
+        ROOT / "train_llm.py",
         *llm_args(llm_setup, tmp_path / "fsdp", "--train_batch_size", "2", "--fsdp"),
         port=29542,
     )
@@ -185,7 +172,7 @@ def test_llm_fsdp_two_processes_equal_one_process_and_resume(llm_setup, tmp_path
     env_fault = {"FAULT_TRAINER": "llm"}
     os.environ.update(env_fault)
     try:
-        killed = torchrun("fault_run.py", "step", "4", *killed_args, port=29543)
+        killed = torchrun(ROOT / "tests" / "fault_run.py", "step", "4", *killed_args, port=29543)
     finally:
         os.environ.pop("FAULT_TRAINER")
     assert killed.returncode != 0
@@ -194,7 +181,7 @@ def test_llm_fsdp_two_processes_equal_one_process_and_resume(llm_setup, tmp_path
         "optimizer-rank0-of-2.pt",
         "optimizer-rank1-of-2.pt",
     ]
-    resumed = torchrun("../train_llm.py", *killed_args, "--resume_from_checkpoint", "latest", port=29544)
+    resumed = torchrun(ROOT / "train_llm.py", *killed_args, "--resume_from_checkpoint", "latest", port=29544)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close(adapters(tmp_path / "killed"), adapters(tmp_path / "fsdp"), atol=1e-6)
 
@@ -244,7 +231,7 @@ def test_sdxl_fsdp_two_processes_equal_one_process(tiny_sdxl_dir, image_folder, 
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = torchrun(
-        "../train_sdxl.py", *common, "--fsdp", "--output_dir", str(tmp_path / "fsdp"), port=29545
+        ROOT / "train_sdxl.py", *common, "--fsdp", "--output_dir", str(tmp_path / "fsdp"), port=29545
     )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "distributed: FSDP2 (fully_shard) over 2 processes" in sharded.stderr

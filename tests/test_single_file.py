@@ -50,7 +50,7 @@ def single_file(tiny_sdxl_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sdxl_topology(tmp_path_factory):
     """SDXL's real block structure at toy widths (32-layer CLIP-G) as a folder and as one file."""
-    from bilora_diffusion.sdxl.tiny import save_tiny_sdxl
+    from bilora_diffusion.testing import save_tiny_sdxl
 
     root = tmp_path_factory.mktemp("sdxl-topology")
     folder = save_tiny_sdxl(str(root / "model"), "sdxl", seed=1)

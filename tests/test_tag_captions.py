@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
 from safetensors.torch import load_file
 
 from bilora_diffusion.data.captions import TagOptions, join_tags, process_caption, split_tags
 from bilora_diffusion.options import OptionError, parse_options
 from bilora_diffusion.sdxl.options import SDXLOptions
 from bilora_diffusion.sdxl.train import SDXLTrainer
+from bilora_diffusion.testing import make_image_folder
 from bilora_diffusion.training import seeded
 
 TAGS = [f"tag{i}" for i in range(8)]

@@ -86,7 +86,7 @@ def test_shipped_demo_data_matches_its_generator() -> None:
 def test_toy_tokenizer_has_one_token_per_word(tmp_path: Path) -> None:
     from transformers import CLIPTokenizer
 
-    from bilora_diffusion.toy.model import build_toy_tokenizer
+    from bilora_diffusion.testing import build_toy_tokenizer
 
     build_toy_tokenizer().save_pretrained(tmp_path)
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
@@ -99,7 +99,7 @@ def test_toy_tokenizer_has_one_token_per_word(tmp_path: Path) -> None:
 def test_built_components_have_sdxl_structure() -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from bilora_diffusion.toy.model import build_toy_components
+    from bilora_diffusion.testing import build_toy_components
 
     parts = build_toy_components()
     unet = parts["unet"]

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
 from safetensors.torch import load_file
 
 from bilora_diffusion.options import OptionError, parse_options
 from bilora_diffusion.sdxl.options import SDXLOptions
 from bilora_diffusion.sdxl.train import SDXLTrainer, train
 from bilora_diffusion.state import read_bilora_state
+from bilora_diffusion.testing import make_image_folder, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -308,20 +308,14 @@ def test_two_processes_equal_one_process_with_the_combined_batch(tiny_sdxl_dir, 
         "--rho",
         "0.01",
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        "torchrun",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        str(ROOT / "tests" / "mp_train.py"),
+    proc = torchrun(
+        ROOT / "tests" / "mp_train.py",
         str(tmp_path),
         *common,
         "--output_dir",
         str(tmp_path / "mp"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        port=29533,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report, other = (json.loads((tmp_path / f"mp_report_{r}.json").read_text()) for r in (0, 1))
     assert report["world"] == 2 and report["digest"] == other["digest"]  # adapters identical on both ranks
