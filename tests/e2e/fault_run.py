@@ -1,8 +1,8 @@
-"""Run by tests/test_faults.py (and tests/test_sharding.py under torchrun) in a subprocess: a trainer with a
-kill -9 injected. The SDXL trainer, or the LLM one with FAULT_TRAINER=llm.
+"""Run by tests/e2e/test_faults.py (and tests/e2e/test_sharding.py under torchrun) in a subprocess: a trainer
+with a kill -9 injected. The SDXL trainer, or the LLM one with FAULT_TRAINER=llm.
 
-`python tests/fault_run.py step N ARGS...`        SIGKILL right after optimizer step N completes;
-`python tests/fault_run.py checkpoint N ARGS...`  SIGKILL while checkpoint-N is being written (after its
+`python tests/e2e/fault_run.py step N ARGS...`        SIGKILL right after optimizer step N completes;
+`python tests/e2e/fault_run.py checkpoint N ARGS...`  SIGKILL while checkpoint-N is being written (after its
                                                   adapter file, before its optimizer state and rename).
 """
 

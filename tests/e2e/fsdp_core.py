@@ -1,4 +1,4 @@
-"""Run by tests/test_sharding.py: `torchrun --nproc_per_node 2 tests/fsdp_core.py OUT METHOD [METHOD ...]`.
+"""Run by tests/e2e/test_sharding.py: `torchrun --nproc_per_node 2 tests/e2e/fsdp_core.py OUT METHOD [METHOD ...]`.
 
 One model sharded with FSDP2 over the ranks (gloo, CPU) against the same model in one process, every method:
 each rank trains on its half of the batch, the reference on the whole batch. Shapes are chosen so the shards

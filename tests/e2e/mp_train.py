@@ -1,4 +1,4 @@
-"""Run by test_two_processes_*: `ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 tests/mp_train.py OUT ARGS...`.
+"""Run by test_two_processes_*: `ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 tests/e2e/mp_train.py OUT ARGS...`.
 
 Trains with the SDXL trainer, then checks across ranks that the adapters (auxiliary included) are identical,
 and every rank writes what it saw to OUT/mp_report_<rank>.json.

@@ -16,7 +16,7 @@ from bilora_diffusion.sdxl.train import SDXLTrainer, train
 from bilora_diffusion.state import read_bilora_state
 from bilora_diffusion.testing import make_image_folder, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def options(model_dir, data, out, *extra, **kw):
@@ -261,29 +261,6 @@ def test_bad_options_exit_2_naming_the_option(tiny_sdxl_dir, image_folder, tmp_p
         )
 
 
-def test_yaml_config_with_flag_overrides(tmp_path, image_folder):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"dataset: {image_folder}\nrank: 8\nlearning_rate: 0.0002\nvalidation_prompt: [a, b]\n")
-    opts = parse_options(SDXLOptions, ["--config", str(cfg), "--rank", "16"])
-    assert opts.rank == 16 and opts.learning_rate == 2e-4 and opts.validation_prompt == ["a", "b"]
-    cfg.write_text("dataset: x\nrnak: 4\n")
-    with pytest.raises(OptionError, match="did you mean 'rank'"):
-        parse_options(SDXLOptions, ["--config", str(cfg)])
-
-
-def test_every_config_file_parses(monkeypatch):
-    files = sorted((ROOT / "configs").glob("*.yaml"))
-    assert files
-    for path in files:
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# ") and any(
-            c in first for c in ("train_sdxl.py", "train_llm.py", "bilora-compare")
-        ), path
-        if "train_sdxl.py" in first or "bilora-compare" in first:
-            opts = parse_options(SDXLOptions, ["--config", str(path), "--dataset", "."])
-            assert opts.method
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_combined_batch(tiny_sdxl_dir, image_folder, tmp_path):
     """2 CPU processes (accelerate MULTI_CPU over gloo), batch 1 each == 1 process, batch 1 x 2 accumulation:
@@ -309,7 +286,7 @@ def test_two_processes_equal_one_process_with_the_combined_batch(tiny_sdxl_dir, 
         "0.01",
     ]
     proc = torchrun(
-        ROOT / "tests" / "mp_train.py",
+        ROOT / "tests" / "e2e" / "mp_train.py",
         str(tmp_path),
         *common,
         "--output_dir",

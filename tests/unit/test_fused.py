@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
-from test_core import linear_config, mlp, randomize  # the same tiny models and configs as the core tests
 from torch import nn
 
 from bilora_diffusion import (
@@ -24,6 +23,11 @@ from bilora_diffusion import (
 from bilora_diffusion.config import ConfigError
 from bilora_diffusion.fused import can_fuse, disable_fused, enable_fused, is_fused
 from bilora_diffusion.peft_glue import adapters_disabled
+from tests.unit.core.test_bilora import (  # the same tiny models and configs as the core tests
+    linear_config,
+    mlp,
+    randomize,
+)
 
 
 def twin_models(

@@ -11,7 +11,7 @@ import pytest
 
 from bilora_diffusion import errors
 
-PACKAGE = Path(__file__).resolve().parent.parent / "bilora_diffusion"
+PACKAGE = Path(__file__).resolve().parents[2] / "bilora_diffusion"
 
 
 def module_names(root: Path) -> dict[str, tuple[Path, bool]]:

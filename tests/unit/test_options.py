@@ -17,7 +17,7 @@ from bilora_diffusion.options import OptionError, TrainOptions, format_help, par
 from bilora_diffusion.sdxl.options import SDXLOptions
 from bilora_diffusion.training import make_scheduler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORE = [f.name for f in dataclasses.fields(BiLoRAConfig)]
 
 # A value other than the default for every core field, as written on the command line / in YAML, and as read.
@@ -206,3 +206,12 @@ def test_check_compatible_compares_every_identity_key():
     for key, value in (("resolution", 128), ("target_modules", ["to_k"]), ("method", "lora")):
         with pytest.raises(CheckpointError, match=f"it was made with {key}=.*this run has {key}="):
             check_compatible(saved, {**saved, key: value}, "ckpt")
+
+
+def test_yaml_is_read_with_safe_load(tmp_path, image_folder):
+    marker = tmp_path / "pwned"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"dataset: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(OptionError, match="not valid YAML"):
+        parse_options(SDXLOptions, ["--config", str(cfg)])
+    assert not marker.exists()

@@ -17,14 +17,13 @@ from bilora_diffusion.llm.data import (
     read_rows,
     tokenize_rows,
 )
-from bilora_diffusion.llm.evaluate import extract_answer, reference_answer, score
 from bilora_diffusion.llm.evaluate import main as evaluate_main
 from bilora_diffusion.llm.options import LLMOptions
 from bilora_diffusion.llm.train import train
 from bilora_diffusion.options import OptionError, parse_options
-from bilora_diffusion.testing import save_tiny_llama, tiny_tokenizer, torchrun
+from bilora_diffusion.testing import save_tiny_llama, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SUMS = [(2, 3), (4, 5), (10, 7), (1, 1)]
 
 
@@ -328,76 +327,7 @@ def test_resume_equals_an_uninterrupted_run(llm_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_with_accumulation(llm_dir, tmp_path):
-    """train_llm.py under torchrun (2 CPU processes over gloo), batch 1 each == 1 process, batch 1 x 2
-    accumulation: each rank takes its own batches of the same (seed, epoch) order, gradients are averaged,
-    the held-out loss is reduced across ranks."""
-    rows = [{"prompt": f"what is {a} plus {a} ?", "response": f"{2 * a}"} for a in range(5)]
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    common = [
-        "--model",
-        str(llm_dir),
-        "--dataset",
-        str(data),
-        "--eval_dataset",
-        str(data),
-        "--max_train_steps",
-        "4",
-    ]
-    common += [
-        "--train_batch_size",
-        "1",
-        "--learning_rate",
-        "5e-3",
-        "--report_to",
-        "none",
-        "--validation_steps",
-        "2",
-    ]
-    proc = torchrun(ROOT / "train_llm.py", *common, "--output_dir", str(tmp_path / "mp"), port=29547)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = train(
-        parse_options(
-            LLMOptions, [*common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one")]
-        )
-    )
-    assert single.global_step == 4
-    a = load_file(str(tmp_path / "mp" / "bilora_adapters.safetensors"))
-    b = load_file(str(tmp_path / "one" / "bilora_adapters.safetensors"))
-    assert a.keys() == b.keys() and any("bilora_aux" in k for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
-
-
 # -- evaluation -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "text,value",
-    [
-        ("so she has 72 left. #### 72", "72"),
-        ("#### 1,234", "1234"),
-        ("#### $1,234.50", "1234.5"),
-        ("#### -5", "-5"),
-        ("#### -$5.", "-5"),
-        ("#### 18.00", "18"),
-        ("#### 7.\nQuestion: 12", "7"),
-        ("The answer is: 42", "42"),
-        ("first #### 3 then #### 4", "3"),
-        ("12 apples", None),
-        ("#### none", None),
-    ],
-)
-def test_answers_are_parsed_robustly(text, value):
-    got = extract_answer(text)
-    assert (got is None and value is None) or str(got.normalize()) == value
-
-
-def test_score_counts_exact_matches_by_value():
-    result = score(
-        ["#### 72", "#### 1,000.0", "it is 5", "#### -3"], ["a #### 72", "#### 1000", "5", "#### 3"]
-    )
-    assert (result.correct, result.total, result.unparsed) == (2, 4, 1)
-    assert result.accuracy == 0.5 and reference_answer("5") == 5
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(llm_dir):

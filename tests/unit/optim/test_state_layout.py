@@ -9,7 +9,7 @@ import torch
 
 from bilora_diffusion import attach_bilora, build_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 FIXTURE = ROOT / "tests" / "fixtures" / "optimizer_state_v0.pt"
 
 
