@@ -8,14 +8,14 @@ the number of GPUs, plus two gathered blocks in flight (the one computing and th
 are left out: they depend on batch size, sequence length and gradient checkpointing, not on the sharding.
 
     python benchmarks/fsdp_memory.py                      # Llama-3.1-8B, configs/llm_llama31_8b_instruct.yaml
-    python benchmarks/fsdp_memory.py --config path/to/config.json --preset configs/llm_llama2_7b_math.yaml
+    python benchmarks/fsdp_memory.py --model_config path/to/config.json --preset configs/llm_llama2_7b_math.yaml
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bilora_diffusion import BiLoRAConfig, attach_bilora  # noqa: E402
+from bilora_diffusion.options import OptionError, opt, run_cli  # noqa: E402
 from bilora_diffusion.sharding import shard_units  # noqa: E402
 
 LLAMA_31_8B = dict(  # meta-llama/Llama-3.1-8B config.json
@@ -55,8 +56,14 @@ def table(c: dict, gpus: list[int]) -> str:
     gib = 2**30
     rows = ["| mode | GPUs | base weights | adapters + grads + AdamW | gathered blocks | total (no activations) |",
             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    base, adapters, block = c["base"] * BASE_BYTES, c["adapters"] * ADAPTER_BYTES, 2 * c["largest_block"] * BASE_BYTES
-    rows.append(f"| DDP | any | {base / gib:.1f} GiB | {adapters / gib:.2f} GiB | - | {(base + adapters) / gib:.1f} GiB |")
+    base, adapters, block = (
+        c["base"] * BASE_BYTES,
+        c["adapters"] * ADAPTER_BYTES,
+        2 * c["largest_block"] * BASE_BYTES,
+    )
+    rows.append(
+        f"| DDP | any | {base / gib:.1f} GiB | {adapters / gib:.2f} GiB | - | {(base + adapters) / gib:.1f} GiB |"
+    )
     for n in gpus:
         total = base / n + adapters / n + block
         rows.append(
@@ -65,17 +72,42 @@ def table(c: dict, gpus: list[int]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="a model's config.json (default: Llama-3.1-8B's numbers)")
-    parser.add_argument("--preset", default=str(ROOT / "configs" / "llm_llama31_8b_instruct.yaml"))
-    parser.add_argument("--gpus", type=int, nargs="+", default=[2, 4, 8])
-    args = parser.parse_args()
-    config = AutoConfig.from_pretrained(args.config) if args.config else LlamaConfig(**LLAMA_31_8B)
+@dataclass
+class MemoryOptions:
+    """Options of this estimate (the project's typed options: ``--help``, ``--config FILE.yaml``)."""
+
+    usage = (
+        "usage: python benchmarks/fsdp_memory.py [--config CONFIG.json] [--preset PRESET.yaml] [--gpus N ...]"
+    )
+
+    model_config: str | None = opt(
+        None, "A model's config.json (default: Llama-3.1-8B's numbers).", path=True
+    )
+    preset: str = opt(
+        str(ROOT / "configs" / "llm_llama31_8b_instruct.yaml"), "The training preset (ranks, targets)."
+    )
+    gpus: list[int] = opt([2, 4, 8], "FSDP world sizes to tabulate.")
+
+    def validate(self) -> None:
+        if not Path(self.preset).is_file():
+            raise OptionError(f"--preset: no such file {self.preset}")
+        if not self.gpus or min(self.gpus) < 1:
+            raise OptionError(f"--gpus: positive world sizes, got {self.gpus}")
+
+
+def run(args: MemoryOptions) -> dict:
+    config = (
+        AutoConfig.from_pretrained(args.model_config) if args.model_config else LlamaConfig(**LLAMA_31_8B)
+    )
     preset = yaml.safe_load(Path(args.preset).read_text())
     c = counts(config, preset)
     print(json.dumps({k: f"{v / 1e6:.1f}M" for k, v in c.items()}))
     print(table(c, args.gpus))
+    return c
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_cli(run, MemoryOptions, argv, prog="fsdp_memory.py")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,12 @@ def check_choices(options: Any) -> None:
     ``validate()``, so options built in code are checked as the parser's are."""
     for f in fields(options):
         choices = f.metadata.get("choices")
+        if not choices:
+            continue
         value = getattr(options, f.name)
-        if choices and value is not None and value not in choices:
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v is not None and v not in choices]
+        if bad:
+            value = bad[0]
             raise OptionError(
                 f"{option_flag(options, f.name)}: must be one of {', '.join(map(str, choices))}, got {value!r}"
             )
@@ -205,8 +209,9 @@ def parse_options(cls: type, argv: list[str] | None = None) -> Any:
         value = values.get(f.name)
         if choices and isinstance(value, str) and value not in choices and value.lower() in choices:
             values[f.name] = value.lower()  # --optimizer AdamW (diffusers' spelling)
-    options = cls(**values)  # validate() checks the choices
+    options = cls(**values)
     try:
+        check_choices(options)  # for every options class; the trainers' validate() checks them too
         options.validate()
     except ConfigError as err:
         raise OptionError(str(err)) from None

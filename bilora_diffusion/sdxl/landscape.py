@@ -29,7 +29,6 @@ the loss, loading a training output, the command line) is SDXL's, and takes the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -43,7 +42,7 @@ from torch import nn
 
 from ..checkpoint import CONFIG_FILE
 from ..config import PRIMARY
-from ..options import read_yaml
+from ..options import OptionError, check_choices, opt, read_yaml, run_cli
 from ..peft_glue import aux_disabled, bilora_layers, lora_pair, unwrap
 from ..state import STATE_FILE, load_bilora_state
 from ..training import seeded
@@ -391,32 +390,46 @@ def plot(results: Mapping[str, dict], path: str | Path, title: str = "") -> Path
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bilora_diffusion.sdxl.landscape",
-        description="Loss landscape (1-D / 2-D, full-space and LoRA-subspace directions) around trained adapters.",
+@dataclass
+class LandscapeOptions:
+    """Options of ``python -m bilora_diffusion.sdxl.landscape`` (the project's typed options: ``--help``,
+    ``--config FILE.yaml``)."""
+
+    usage = (
+        "usage: python -m bilora_diffusion.sdxl.landscape --output_dir RUN [RUN ...] [--directions D] [--grid G] "
+        "[...]\n\nLoss landscape (1-D / 2-D, full-space and LoRA-subspace directions) around trained adapters."
     )
-    p.add_argument("--output_dir", nargs="+", required=True, help="Training output folder(s) to compare.")
-    p.add_argument("--directions", choices=("full", "lora", "both"), default="both")
-    p.add_argument("--grid", choices=("1d", "2d"), default="1d", help="2d adds a contour surface per run.")
-    p.add_argument("--points", type=int, default=21, help="Points of each 1-D curve.")
-    p.add_argument("--grid_points", type=int, default=11, help="Points per axis of the 2-D surface.")
-    p.add_argument("--n_directions", type=int, default=2, help="Random 1-D directions per space.")
-    p.add_argument("--span_full", type=float, default=DEFAULT_SPANS["full"])
-    p.add_argument("--span_lora", type=float, default=DEFAULT_SPANS["lora"])
-    p.add_argument("--draws", type=int, default=2, help="Noise/timestep draws per training image.")
-    p.add_argument(
-        "--max_images", type=int, default=32, help="Evaluate on at most this many training images."
-    )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the directions (the same for every run).")
-    p.add_argument("--dataset", default=None, help="Override the run's dataset path (if it moved).")
-    p.add_argument("--pretrained_model_name_or_path", default=None, help="Override the base model path.")
-    p.add_argument("--out", default=None, help="PNG path (default: <first output_dir>/landscape.png).")
-    return p.parse_args(argv)
+
+    output_dir: list[str] = opt([], "Training output folder(s) to compare; required.")
+    directions: str = opt("both", "Direction spaces.", choices=("full", "lora", "both"))
+    grid: str = opt("1d", "2d adds a contour surface per run.", choices=("1d", "2d"))
+    points: int = opt(21, "Points of each 1-D curve.")
+    grid_points: int = opt(11, "Points per axis of the 2-D surface.")
+    n_directions: int = opt(2, "Random 1-D directions per space.")
+    span_full: float = opt(DEFAULT_SPANS["full"], "Largest step along a full-space direction.")
+    span_lora: float = opt(DEFAULT_SPANS["lora"], "Largest step along a LoRA-subspace direction.")
+    draws: int = opt(2, "Noise/timestep draws per training image.")
+    max_images: int = opt(32, "Evaluate on at most this many training images.")
+    seed: int = opt(0, "Seed of the directions (the same for every run).")
+    dataset: str | None = opt(None, "Override the run's dataset path (if it moved).", path=True)
+    pretrained_model_name_or_path: str | None = opt(None, "Override the base model path.")
+    out: str | None = opt(None, "PNG path (default: <first output_dir>/landscape.png).")
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise OptionError("--output_dir is required")
+        check_choices(self)
+        for name in ("points", "grid_points", "n_directions", "draws", "max_images"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
+    """The tool's entry point: a bad option exits with code 2 and one line."""
+    return run_cli(run, LandscapeOptions, None if argv is None else list(argv), prog="landscape")
+
+
+def run(args: LandscapeOptions) -> dict:
     spaces = SPACES if args.directions == "both" else (args.directions,)
     results = {}
     for folder in args.output_dir:

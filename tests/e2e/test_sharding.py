@@ -100,8 +100,8 @@ def aux_norm_of(folder: Path, rho: float) -> float:
 
 @pytest.mark.slow
 def test_llm_fsdp_two_processes_equal_one_process_and_resume(llm_setup, tmp_path):
-    """train_llm.py: two sharded processes (torchrun, --fsdp) give the adapters of one process with the same
-    global batch; the run log names FSDP; the aux clip holds globally. A run killed (-9) after its checkpoint
+    """train_llm.py: two sharded processes (torchrun, --fsdp, with gradient checkpointing, which recomputes
+    through FSDP's gathers) give the adapters of one process with the same global batch; the run log names FSDP; the aux clip holds globally. A run killed (-9) after its checkpoint
     resumes, sharded optimizer state, to the uninterrupted run's adapters; the whole-state checkpoint of a
     sharded run resumes in ONE process and also ends there."""
     single = one_process(
@@ -110,7 +110,9 @@ def test_llm_fsdp_two_processes_equal_one_process_and_resume(llm_setup, tmp_path
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = torchrun(
         ROOT / "train_llm.py",
-        *llm_args(llm_setup, tmp_path / "fsdp", "--train_batch_size", "2", "--fsdp"),
+        *llm_args(
+            llm_setup, tmp_path / "fsdp", "--train_batch_size", "2", "--fsdp", "--gradient_checkpointing"
+        ),
         port=29542,
     )
     assert sharded.returncode == 0, sharded.stderr[-3000:]

@@ -134,3 +134,25 @@ def test_benchmark_options_keep_their_argparse_spellings():
     for bad in (["--methods", "nope"], ["--rho", "0.01"]):
         with pytest.raises(OptionError, match=bad[0]):
             parse_options(generalization.GeneralizationOptions, bad)
+
+
+def test_fsdp_memory_counts_llama_31_8b_by_hand():
+    """benchmarks/fsdp_memory.py's parameter counts (the README's FSDP memory table) equal Llama-3.1-8B's, worked
+    out by hand: base = embeddings + head + 32 layers (attention 4096·(4096+1024+1024+4096), MLP 3·4096·14336,
+    two norms) + final norm; adapters = 2 branches · rank 8 · 32 layers · sum of (in + out) of the 7 projections."""
+    import yaml
+    from transformers import LlamaConfig
+
+    spec = importlib.util.spec_from_file_location("fsdp_memory", ROOT / "benchmarks" / "fsdp_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fsdp_memory"] = module
+    spec.loader.exec_module(module)
+    preset = yaml.safe_load((ROOT / "configs" / "llm_llama31_8b_instruct.yaml").read_text())
+    counts = module.counts(LlamaConfig(**module.LLAMA_31_8B), preset)
+    layer = 4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336 + 2 * 4096
+    assert counts["largest_block"] == layer
+    assert counts["base"] == 2 * 128256 * 4096 + 32 * layer + 4096
+    in_out = (4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336)
+    assert counts["adapters"] == 2 * 8 * 32 * in_out
+    table = module.table(counts, [8])
+    assert "| FSDP | 8 | 1.87 GiB |" in table
