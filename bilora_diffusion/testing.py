@@ -4,7 +4,8 @@ make the shipped demo models (scripts/pretrain_toy.py, scripts/pretrain_llm_demo
 - tiny Llama: :func:`tiny_tokenizer` (a word-level tokenizer with a chat template), :func:`tiny_llama`,
   :func:`save_tiny_llama` (a folder ``--model`` loads);
 - tiny SDXL: :func:`local_clip_tokenizer`, :func:`tiny_sdxl_components` in two topologies, :func:`save_tiny_sdxl`
-  (a folder ``--pretrained_model_name_or_path`` loads);
+  (a folder ``--pretrained_model_name_or_path`` loads), :func:`write_single_file` (the same as one SGM-layout
+  file); :func:`save_tiny_clip`, a tiny CLIP for the CLIP metric;
 - the toy world's SDXL at its shipped sizes, untrained: :class:`ToyModelConfig`, :func:`build_toy_tokenizer`,
   :func:`build_toy_components` (scripts/pretrain_toy.py trains it into ``bilora_diffusion/toy/sdxl-tiny``);
 - :func:`make_image_folder`: a kohya-style image folder with captions;
@@ -41,8 +42,19 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from safetensors.torch import save_file
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
+from bilora_diffusion.sdxl.models import load_components
+from bilora_diffusion.sdxl.single_file import to_sgm_state_dict
 from bilora_diffusion.toy.world import IMAGE_SIZE, VOCABULARY
 
 BOS_TOKEN = "<|startoftext|>"
@@ -249,6 +261,21 @@ def tiny_sdxl_components(topology: str = "dummy", seed: int = 0, words: tuple[st
     }
 
 
+SINGLE_FILE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+"""The components a single-file SDXL checkpoint holds."""
+
+
+def write_single_file(folder: str | os.PathLike, path: str | os.PathLike, edit=None) -> Path:
+    """The diffusers SDXL in ``folder`` as one SGM-layout .safetensors file, as ComfyUI / A1111 load them
+    (``edit`` may change the state dict before it is written)."""
+    components = load_components(str(folder))
+    state = to_sgm_state_dict({name: getattr(components, name) for name in SINGLE_FILE_PARTS})
+    if edit is not None:
+        edit(state)
+    save_file(state, str(path))
+    return Path(path)
+
+
 def save_tiny_sdxl(path: str, topology: str = "dummy", seed: int = 0) -> str:
     """Write a tiny pipeline folder that ``StableDiffusionXLPipeline.from_pretrained(path)`` loads offline."""
     from diffusers import StableDiffusionXLPipeline
@@ -256,6 +283,28 @@ def save_tiny_sdxl(path: str, topology: str = "dummy", seed: int = 0) -> str:
     pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(topology, seed))
     pipe.save_pretrained(path)
     return path
+
+
+def save_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
+    """A random CLIP (text and vision towers of one layer) with a local tokenizer and image processor: a folder
+    ``CLIPModel.from_pretrained`` loads offline (what the paper's CLIP metric runs on in tests)."""
+    torch.manual_seed(seed)
+    tokenizer = local_clip_tokenizer(("red", "blue", "square", "circle"))
+    text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    text.update(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    vision.update(image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(path)
+    return str(path)
 
 
 # The toy world's SDXL (untrained)

@@ -1,4 +1,4 @@
-"""The benchmark measures: filter normalization, sharpness, the landscape tool, the generalization machinery."""
+"""The benchmarks end to end on tiny models: the generalization machinery with the landscape tool, and step_cost's variants."""
 
 import importlib.util
 import json

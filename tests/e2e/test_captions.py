@@ -1,6 +1,4 @@
-"""Tag-style captions (--shuffle_caption, --keep_tokens, --caption_separator, --caption_tag_dropout) against
-references: the first k tags stay in place, the rest is a permutation (or a subset under dropout), the dropout
-rate, determinism per (seed, step, sample), the text-embedding cache turned off, and exact resume."""
+"""Tag-style captions end to end: a run with tag shuffling and dropout under Prodigy resumes exactly."""
 
 import logging
 import shutil

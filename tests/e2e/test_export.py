@@ -1,9 +1,5 @@
-"""Export of the primary branch as a standard SDXL LoRA, checked against references and stock loaders.
-
-References: a copy of the base models merged by hand as W0 + s1·B1·A1 (what the user should get), and
-diffusers' own ``load_lora_weights``, which reads both the diffusers file and kohya SGM-named files (it maps
-SGM names back itself: an independent client). Adapters are randomised, B included, so every module shows.
-"""
+"""Export end to end against stock diffusers: every UNet module kind reloads through ``load_lora_weights``, and ``--fuse``
+equals the LoRA-loaded pipeline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""train_llm end to end on a tiny random LlamaForCausalLM with a tokenizer made locally (CPU, offline)."""
+"""train_llm.py under torchrun (two CPU processes) against one process with the same global batch."""
 
 from pathlib import Path
 

@@ -1,5 +1,5 @@
-"""--optimizer: the auxiliary branch ascends (and the primary descends) with every inner optimizer, state
-survives a checkpoint, bad values and missing packages fail in one line."""
+"""--optimizer end to end: the LLM trainer learns and resumes exactly with each inner optimizer, and a missing
+bitsandbytes stops the command line before anything loads."""
 
 import os
 import subprocess
@@ -30,13 +30,6 @@ def test_use_8bit_adam_without_bitsandbytes_exits_2_before_loading(tmp_path, ima
     assert last == (
         "error: --use_8bit_adam needs bitsandbytes, which is not installed: pip install 'bilora-diffusion[bnb]'"
     )
-
-
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory) -> Path:
-    from bilora_diffusion.testing import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""DreamBooth prior preservation and DoRA as the primary branch (issue 16, items 2 and 3)."""
+"""DreamBooth prior preservation and DoRA as the primary branch (issue 16, items 2 and 3), in full training runs:
+export of a trained DoRA, class images generated once, exact resume."""
 
 from __future__ import annotations
 

@@ -13,32 +13,6 @@ from bilora_diffusion.options import OptionError
 from bilora_diffusion.testing import make_image_folder
 
 
-def save_tiny_clip(path, seed: int = 0) -> str:
-    """A random CLIP (text and vision towers of one layer) with a local tokenizer and image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from bilora_diffusion.testing import local_clip_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = local_clip_tokenizer(("red", "blue", "square", "circle"))
-    text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
-    text.update(
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
-    )
-    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
-    vision.update(image_size=32, patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
-
-
 def test_clip_scores_equal_a_hand_computation_on_fixed_embeddings():
     img = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     txt = torch.tensor([[3.0, 4.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])

@@ -1,6 +1,4 @@
-"""What a new user meets in the first hour with their own model and data (issue 14): base models that are not
-there fail in one line with exit 2, runs say what they train and where the files went, files get the umask's
-modes, bilora-export never overwrites a training output, and the log carries no warning a user cannot act on."""
+"""Base models that are not there (or not SDXL, gated, unreachable) are named in one line, without Hub retries."""
 
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Sharded training (FSDP2, `bilora_diffusion.sharding`): two CPU processes (gloo) against one process."""
+"""FSDP settings in one process: which distributed mode a run gets, what it refuses, the shipped accelerate
+configs, and resumed state keeps the adapters' dtype."""
 
 import copy
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Tests of the toy shapes world, its analyzer, the tiny SDXL builder and the shipped pretrained model."""
+"""The tiny-model builders of `bilora_diffusion.testing`: the toy tokenizer and the toy SDXL's structure."""
 
 import os
 

@@ -1,6 +1,6 @@
 """Tag-style captions (--shuffle_caption, --keep_tokens, --caption_separator, --caption_tag_dropout) against
 references: the first k tags stay in place, the rest is a permutation (or a subset under dropout), the dropout
-rate, determinism per (seed, step, sample), the text-embedding cache turned off, and exact resume."""
+rate, determinism per (seed, step, sample), the text-embedding cache turned off (exact resume: tests/e2e/test_captions.py)."""
 
 import math
 from collections import Counter

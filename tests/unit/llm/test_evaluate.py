@@ -1,4 +1,4 @@
-"""train_llm end to end on a tiny random LlamaForCausalLM with a tokenizer made locally (CPU, offline)."""
+"""The LLM evaluator's answer parsing and exact-match scoring against hand-written cases."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""train_llm end to end on a tiny random LlamaForCausalLM with a tokenizer made locally (CPU, offline)."""
+"""train_llm in process on a tiny random LlamaForCausalLM with a tokenizer made locally (CPU, offline)."""
 
 import json
 from pathlib import Path
@@ -21,7 +21,7 @@ from bilora_diffusion.llm.evaluate import main as evaluate_main
 from bilora_diffusion.llm.options import LLMOptions
 from bilora_diffusion.llm.train import train
 from bilora_diffusion.options import OptionError, parse_options
-from bilora_diffusion.testing import save_tiny_llama, tiny_tokenizer
+from bilora_diffusion.testing import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[3]
 SUMS = [(2, 3), (4, 5), (10, 7), (1, 1)]
@@ -49,11 +49,6 @@ def chat_rows() -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
 
 
 @pytest.fixture(scope="module")

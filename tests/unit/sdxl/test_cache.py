@@ -1,4 +1,4 @@
-"""SDXL loss and conditioning pieces against hand computations."""
+"""The latent cache: entries keyed by content are reused after a record is removed."""
 
 import torch
 

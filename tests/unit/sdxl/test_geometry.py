@@ -1,4 +1,4 @@
-"""SDXL loss and conditioning pieces against hand computations."""
+"""SampleGeometry (resize, crop, flip, micro-conditioning) against hand computations and the pipeline's defaults."""
 
 import pytest
 import torch

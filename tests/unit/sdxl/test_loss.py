@@ -1,4 +1,4 @@
-"""SDXL loss and conditioning pieces against hand computations."""
+"""SDXL loss pieces against hand computations: min-SNR weights, the v-prediction target."""
 
 import torch
 from diffusers import DDPMScheduler

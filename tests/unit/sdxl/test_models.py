@@ -1,4 +1,4 @@
-"""SDXL loss and conditioning pieces against hand computations."""
+"""SDXL prompt encoding against the pipeline's: penultimate states concatenated, pooled from encoder 2."""
 
 import torch
 

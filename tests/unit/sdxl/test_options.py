@@ -1,4 +1,4 @@
-"""train_sdxl end to end on a tiny SDXL built from configs (CPU, offline)."""
+"""SDXLOptions from YAML files: flags override the file, every config in configs/ parses."""
 
 from pathlib import Path
 

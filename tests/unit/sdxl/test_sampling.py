@@ -1,4 +1,4 @@
-"""SDXL loss and conditioning pieces against hand computations."""
+"""Validation sampling conditions the UNet on the settings' geometry."""
 
 from diffusers import DDPMScheduler
 
