@@ -190,6 +190,27 @@ def _clip_config(hidden: int, layers: int, vocab_size: int, projection_dim: int)
     )
 
 
+def _pipeline_components(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2) -> dict[str, Any]:
+    """Keyword arguments of ``StableDiffusionXLPipeline``, with SDXL base's scheduler config, so inference code
+    written for SDXL behaves the same on the tiny models."""
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+    }
+
+
 def tiny_sdxl_components(topology: str = "dummy", seed: int = 0, words: tuple[str, ...] = ()) -> dict:
     """Random-weight components of a StableDiffusionXLPipeline (float32, CPU)."""
     if topology not in TOPOLOGIES:
@@ -243,22 +264,7 @@ def tiny_sdxl_components(topology: str = "dummy", seed: int = 0, words: tuple[st
         sample_size=64,
         layers_per_block=1,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "text_encoder_2": text_encoder_2,
-        "tokenizer": tokenizer,
-        "tokenizer_2": tokenizer_2,
-        "scheduler": scheduler,
-    }
+    return _pipeline_components(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
 
 
 SINGLE_FILE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -427,27 +433,7 @@ def build_toy_components(config: ToyModelConfig | None = None, seed: int = 0) ->
         projection_class_embeddings_input_dim=6 * cfg.time_embed_dim + cfg.text2_hidden,
         transformer_layers_per_block=1,
     )
-    # SDXL base's scheduler config, so inference code written for SDXL behaves the same here.
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        steps_offset=1,
-        timestep_spacing="leading",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-    )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "text_encoder_2": text_encoder_2,
-        "tokenizer": tokenizer,
-        "tokenizer_2": tokenizer_2,
-        "scheduler": scheduler,
-    }
+    return _pipeline_components(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
 
 
 def make_image_folder(root, n: int = 8, size=(64, 64), captions: bool = True, seed: int = 0) -> Path:
