@@ -3,19 +3,19 @@ configs, and resumed state keeps the adapters' dtype."""
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace  # noqa: E402
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType  # noqa: E402
+from accelerate.utils import DistributedType
 
 from bilora_diffusion import BiLoRAConfig, attach_bilora, build_optimizer
-from bilora_diffusion.llm.options import LLMOptions  # noqa: E402
+from bilora_diffusion.llm.options import LLMOptions
 from bilora_diffusion.optim.state_layout import to_tensors
-from bilora_diffusion.options import OptionError, parse_options  # noqa: E402
-from bilora_diffusion.training import distributed_mode  # noqa: E402
-from tests.e2e.fsdp_core import Toy, randomize  # noqa: E402
+from bilora_diffusion.options import OptionError, parse_options
+from bilora_diffusion.training import distributed_mode
+from tests.e2e.fsdp_core import Toy, randomize
 
 ROOT = Path(__file__).resolve().parents[2]
 
