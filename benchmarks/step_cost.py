@@ -56,7 +56,7 @@ from bilora_diffusion.options import opt, run_cli
 from bilora_diffusion.sdxl.loss import MicroBatch, draw_noise, micro_batch_loss
 from bilora_diffusion.sdxl.models import encode_prompt, tokenize
 from bilora_diffusion.sdxl.options import SDXLOptions
-from bilora_diffusion.sdxl.tiny import local_clip_tokenizer
+from bilora_diffusion.testing import local_clip_tokenizer
 from bilora_diffusion.training import MethodStep, cast_trainable_to_fp32, make_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"

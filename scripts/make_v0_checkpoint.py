@@ -1,7 +1,7 @@
 """Write tests/fixtures/optimizer_state_v0.pt with the optimizer of commit 431cc6a (before the core redesign).
 
 Run once with that commit checked out; the file is the "checkpoint written by today's code" that
-tests/test_state_layout.py resumes with the current core (issue 13: old checkpoints must still resume).
+tests/unit/optim/test_state_layout.py resumes with the current core (issue 13: old checkpoints must still resume).
 For each case it stores the model's state_dict and the optimizer's after two steps, and the model's
 state_dict after two more steps of the uninterrupted run on fixed data.
 """

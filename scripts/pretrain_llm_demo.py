@@ -3,7 +3,7 @@
     python scripts/pretrain_llm_demo.py --seed 0      # about 2 minutes on 2 cores; writes bilora_diffusion/llm/demo
 
 The model (`bilora_diffusion/llm/demo/tiny-sums`) is a 2-layer LlamaForCausalLM of width 64 with the word-level
-tokenizer of `bilora_diffusion.llm.tiny` (every word and every number is one token), pretrained as a plain
+tokenizer of `bilora_diffusion.testing` (every word and every number is one token), pretrained as a plain
 language model on two kinds of text:
 
 - lines of arithmetic facts: ``3 plus 4 is 7 . 9 minus 2 is 7 . ...`` (every sum of two numbers up to 19 and
@@ -43,14 +43,14 @@ from pathlib import Path
 
 import torch
 
-from bilora_diffusion.llm.tiny import tiny_llama, tiny_tokenizer
+from bilora_diffusion.testing import tiny_llama, tiny_tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "bilora_diffusion" / "llm" / "demo"
 LARGEST = 19
 """Every number in the world is 0..LARGEST: sums a + b <= LARGEST, differences of those."""
 NAMES = ["tom", "ann", "bob"]
 EXTRA_WORDS = ("does", "have", "than")
-"""Words of the subtraction problems that the test tokenizer of `bilora_diffusion.llm.tiny` lacks."""
+"""Words of the subtraction problems that the test tokenizer of `bilora_diffusion.testing` lacks."""
 THINGS = ["apples", "pears", "cats", "dogs"]
 
 

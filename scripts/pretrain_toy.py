@@ -34,15 +34,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
+from bilora_diffusion.testing import ToyModelConfig, build_toy_components
 from bilora_diffusion.toy.analyzer import score
 from bilora_diffusion.toy.evaluate import held_in_score, new_concept_score
-from bilora_diffusion.toy.model import (
-    TOY_MODEL_DIR,
-    ToyModelConfig,
-    add_time_ids,
-    build_toy_components,
-    encode_prompt_ids,
-)
+from bilora_diffusion.toy.model import TOY_MODEL_DIR, add_time_ids, encode_prompt_ids
 from bilora_diffusion.toy.world import COLORS, make_samples
 
 

@@ -2,7 +2,8 @@
 
 - ``world``: deterministic images + captions, the held-in / new-concept split, the demo dataset;
 - ``analyzer``: image -> (color, shape) by pixel geometry, and ``score`` against intended specs;
-- ``model``: the tiny SDXL (``build_toy_components``, ``load_toy_pipeline``, ``TOY_MODEL_DIR``);
+- ``model``: the shipped pretrained tiny SDXL (``load_toy_pipeline``, ``TOY_MODEL_DIR``; the untrained one is
+  built by ``bilora_diffusion.testing.build_toy_components``);
 - ``evaluate``: prompt a pipeline and score it at the default inference settings.
 
 Submodules are not imported here, so ``world`` and ``analyzer`` load without torch or diffusers.

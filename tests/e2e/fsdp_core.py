@@ -1,0 +1,154 @@
+"""Run by tests/e2e/test_sharding.py: `torchrun --nproc_per_node 2 tests/e2e/fsdp_core.py OUT METHOD [METHOD ...]`.
+
+One model sharded with FSDP2 over the ranks (gloo, CPU) against the same model in one process, every method:
+each rank trains on its half of the batch, the reference on the whole batch. Shapes are chosen so the shards
+are uneven and one rank holds no rows of some adapter factor (a Linear with one output). Rank 0 writes
+OUT/fsdp_core.json with the largest differences it found per method: parameters, gradient norms, losses, the
+aux norm after each step on every rank (and the reference's), the gathered optimizer state against the
+reference's, and one more step after loading that state into a fresh sharded optimizer.
+"""
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bilora_diffusion import BiLoRAConfig, attach_bilora, build_optimizer
+from bilora_diffusion.optim.state_layout import to_tensors
+from bilora_diffusion.sharding import apply_fsdp, full_tensor, local
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_mid: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_mid, 3, padding=1)
+        self.proj = nn.Linear(c_mid, c_out)
+        self.head = nn.Linear(c_out, 1)  # B of the head is [1, r]: rank 1 holds none of it
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).mean(dim=(2, 3))
+        return self.head(torch.tanh(self.proj(h)))
+
+
+class Toy(nn.Module):
+    _no_split_modules = ["Block"]
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(4, 6, 3)  # A of conv, proj split on their inputs; head's (3 inputs) on its rank
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def randomize(model: nn.Module, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def run(method: str, rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    config = BiLoRAConfig(
+        rank=1, alpha=3.0, aux_rank=2, aux_alpha=5.0, target_modules=["conv", "proj", "head"], rho=0.05
+    ).for_method(method)
+    reference = attach_bilora(Toy().double(), config)
+    randomize(reference)
+    model = copy.deepcopy(reference)
+    apply_fsdp(model)
+    gen = torch.Generator().manual_seed(7)
+    batches = [
+        (torch.randn(4, 4, 6, 6, generator=gen).double(), torch.randn(4, 1, generator=gen).double())
+        for _ in range(4)
+    ]
+    kwargs = dict(method=method, lr=0.05, max_grad_norm=0.5, total_steps=4, seed=3, weight_decay=0.01)
+    opt_ref = build_optimizer(reference, config, **kwargs)
+    opt = build_optimizer(model, config, **kwargs)
+    report = {"params": 0.0, "aux_norm": [], "grad_norms": 0.0, "losses": 0.0}
+    for x, y in batches:
+
+        def closure_ref():
+            loss = nn.functional.mse_loss(reference(x), y)
+            loss.backward()
+            return loss.detach()
+
+        part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+
+        def closure():
+            loss = nn.functional.mse_loss(model(x[part]), y[part])
+            loss.backward()
+            return loss.detach()
+
+        loss_ref = opt_ref.step(closure_ref)
+        opt_ref.zero_grad()
+        loss = opt.step(closure)
+        opt.zero_grad()
+        mean = loss.clone()
+        dist.all_reduce(mean)
+        report["losses"] = max(report["losses"], abs(float(mean) / world - float(loss_ref)))
+        report["aux_norm"].append((opt.last_aux_norm, opt_ref.last_aux_norm))
+        for role, value in opt_ref.last_grad_norms.items():
+            report["grad_norms"] = max(report["grad_norms"], abs(opt.last_grad_norms[role] - value))
+    report["params"] = max_param_diff(model, reference)
+    report["local_numels"] = {n: local(p).numel() for n, p in model.named_parameters() if "head.lora_B" in n}
+    report["a_placements"] = {n: str(p.placements[0]) for n, p in model.named_parameters() if "lora_A" in n}
+    # the gathered state is the reference's per-tensor state
+    full = opt.full_state_dict()
+    ref_state = to_tensors(opt_ref.state_dict(), opt_ref._flat, opt_ref._group_params)["state"]
+    report["state"] = max(
+        float((full["state"][pid][k] - v).abs().max())
+        if torch.is_tensor(v) and v.dim()
+        else abs(float(full["state"][pid][k]) - float(v))
+        for pid, st in ref_state.items()
+        for k, v in st.items()
+    )
+    report["state_entries"] = (len(full["state"]), len(ref_state))
+    # ... and a fresh sharded optimizer that loads it takes the reference's next step
+    resumed = build_optimizer(model, config, **kwargs)
+    resumed.load_state_dict(full)
+    x, y = batches[0]
+    part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    resumed.step(lambda: _backward(model, x[part], y[part]))
+    opt_ref.step(lambda: _backward(reference, x, y))
+    report["resumed_params"] = max_param_diff(model, reference)
+    return report
+
+
+def _backward(model, x, y):
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+def max_param_diff(model, reference) -> float:
+    ref_params = dict(reference.named_parameters())
+    return max(
+        float((full_tensor(p.detach()) - ref_params[n].detach()).abs().max())
+        for n, p in model.named_parameters()
+    )
+
+
+def main() -> None:
+    out, methods = Path(sys.argv[1]), sys.argv[2:]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    reports = {}
+    for method in methods:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, run(method, rank, world))
+        reports[method] = gathered
+    if rank == 0:
+        (out / "fsdp_core.json").write_text(json.dumps(reports, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
