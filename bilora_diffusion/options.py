@@ -109,7 +109,9 @@ def check_choices(options: Any) -> None:
         if not choices:
             continue
         value = getattr(options, f.name)
-        bad = [v for v in (value if isinstance(value, list) else [value]) if v is not None and v not in choices]
+        bad = [
+            v for v in (value if isinstance(value, list) else [value]) if v is not None and v not in choices
+        ]
         if bad:
             value = bad[0]
             raise OptionError(
