@@ -464,3 +464,40 @@ def torchrun(
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--nproc_per_node", str(nproc), "--master_port", str(port), str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+# -- a model whose FSDP shards are uneven (tests/e2e/fsdp_core.py, tests/unit/test_sharding.py) -------------------
+class _UnevenBlock(torch.nn.Module):
+    def __init__(self, c_in: int, c_mid: int, c_out: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, c_mid, 3, padding=1)
+        self.proj = torch.nn.Linear(c_mid, c_out)
+        self.head = torch.nn.Linear(c_out, 1)  # B of the head is [1, r]: on 2 ranks, rank 1 holds none of it
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).mean(dim=(2, 3))
+        return self.head(torch.tanh(self.proj(h)))
+
+
+class UnevenShards(torch.nn.Module):
+    """Conv2d(4→6) → Linear(6→3) → Linear(3→1), one FSDP block: on 2 ranks the A's of conv and proj are split
+    along their inputs (partial Gram matrices), the head's A (3 inputs) along its rank (gathered Gram), and rank
+    1 holds no row of the head's B. Input [N, 4, H, W]."""
+
+    _no_split_modules = ["_UnevenBlock"]
+
+    def __init__(self):
+        super().__init__()
+        self.block = _UnevenBlock(4, 6, 3)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.3) -> None:
+    """Every LoRA tensor (B included, which PEFT starts at zero) to seeded random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)

@@ -21,37 +21,8 @@ from torch import nn
 from bilora_diffusion import BiLoRAConfig, attach_bilora, build_optimizer
 from bilora_diffusion.optim.state_layout import to_tensors
 from bilora_diffusion.sharding import apply_fsdp, full_tensor, local
-
-
-class Block(nn.Module):
-    def __init__(self, c_in: int, c_mid: int, c_out: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_mid, 3, padding=1)
-        self.proj = nn.Linear(c_mid, c_out)
-        self.head = nn.Linear(c_out, 1)  # B of the head is [1, r]: rank 1 holds none of it
-
-    def forward(self, x):
-        h = torch.tanh(self.conv(x)).mean(dim=(2, 3))
-        return self.head(torch.tanh(self.proj(h)))
-
-
-class Toy(nn.Module):
-    _no_split_modules = ["Block"]
-
-    def __init__(self):
-        super().__init__()
-        self.block = Block(4, 6, 3)  # A of conv, proj split on their inputs; head's (3 inputs) on its rank
-
-    def forward(self, x):
-        return self.block(x)
-
-
-def randomize(model: nn.Module, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+from bilora_diffusion.testing import UnevenShards as Toy
+from bilora_diffusion.testing import randomize_adapters as randomize
 
 
 def run(method: str, rank: int, world: int) -> dict:

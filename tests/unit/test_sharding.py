@@ -14,8 +14,9 @@ from bilora_diffusion import BiLoRAConfig, attach_bilora, build_optimizer
 from bilora_diffusion.llm.options import LLMOptions
 from bilora_diffusion.optim.state_layout import to_tensors
 from bilora_diffusion.options import OptionError, parse_options
+from bilora_diffusion.testing import UnevenShards as Toy
+from bilora_diffusion.testing import randomize_adapters as randomize
 from bilora_diffusion.training import distributed_mode
-from tests.e2e.fsdp_core import Toy, randomize
 
 ROOT = Path(__file__).resolve().parents[2]
 
