@@ -185,8 +185,16 @@ def whole_adapters(models: ModelOrModels) -> Iterator[None]:
     rank, so PEFT's, diffusers' and the exporters' state-dict code reads and loads them as in one process; on
     exit each rank keeps its shard of the (possibly loaded) values. A collective: every rank must enter it.
     No forward may run inside (FSDP would swap its own parameters back in)."""
+    from torch.distributed.fsdp import FSDPModule
+
     swapped = []
     for model in models_of(models):
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # With reshard_after_forward=False a forward without backward (the last held-out loss) leaves
+                # the gathered, possibly bf16, parameters in place: back to the fp32 shards first (local, no
+                # communication), so the whole tensors below are the optimizer's values.
+                module.reshard()
         for module in model.modules():
             for name, param in list(module._parameters.items()):
                 if isinstance(param, DTensor) and param.requires_grad:

@@ -106,6 +106,32 @@ def max_param_diff(model, reference) -> float:
     )
 
 
+def whole_after_forward() -> dict:
+    """`whole_adapters` after a no-grad forward of a model sharded with reshard_after_forward=False and bf16
+    compute (FSDP then keeps the gathered bf16 parameters): the whole adapters must be the fp32 values."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from bilora_diffusion.sharding import whole_adapters
+
+    torch.manual_seed(0)
+    config = BiLoRAConfig(rank=1, aux_rank=2, target_modules=["conv", "proj", "head"])
+    model = attach_bilora(Toy(), config)
+    randomize(model)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    apply_fsdp(model, reshard_after_forward=False, mp_policy=mp)
+    x = torch.randn(2, 4, 6, 6)
+    model(x).float().sum().backward()
+    master = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        model(x)  # the last held-out loss
+    with whole_adapters(model):
+        seen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {
+        "dtypes": sorted({str(v.dtype) for v in seen.values()}),
+        "diff": max(float((seen[n] - master[n]).abs().max()) for n in master),
+    }
+
+
 def main() -> None:
     out, methods = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")
@@ -115,6 +141,7 @@ def main() -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, run(method, rank, world))
         reports[method] = gathered
+    reports["_whole_after_forward"] = whole_after_forward()
     if rank == 0:
         (out / "fsdp_core.json").write_text(json.dumps(reports, indent=1))
     dist.destroy_process_group()
