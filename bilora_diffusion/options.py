@@ -205,6 +205,11 @@ def parse_options(cls: type, argv: list[str] | None = None) -> Any:
         raise SystemExit(0)
     config_path, cli_values = parse_cli(argv, cls)
     values = read_yaml(config_path, cls) if config_path else {}
+    for flag, others in getattr(cls, "overrides", {}).items():
+        if flag in cli_values:  # e.g. --lr_warmup_steps on the command line drops the config file's ratio
+            for other in others:
+                if other not in cli_values:
+                    values.pop(other, None)
     values.update(cli_values)
     for f in fields(cls):
         choices = f.metadata.get("choices")
@@ -331,6 +336,9 @@ class TrainOptions(CoreOptions):
         ),
     )
     lr_warmup_steps: int = opt(0, "Warmup steps of the schedule.")
+    overrides = {"lr_warmup_steps": ("lr_warmup_ratio",), "lr_warmup_ratio": ("lr_warmup_steps",)}
+    """Options given on the command line that drop these others when they come from the config file (flags
+    override the file: a preset's warmup ratio and --lr_warmup_steps do not conflict)."""
     lr_warmup_ratio: float | None = opt(
         None,
         "Warmup as a fraction of the run's optimizer steps (e.g. 0.03): ceil(ratio x steps) warmup steps, "
@@ -438,7 +446,7 @@ class TrainOptions(CoreOptions):
             if self.lr_warmup_steps:
                 raise OptionError(
                     f"--lr_warmup_ratio {self.lr_warmup_ratio:g} and --lr_warmup_steps {self.lr_warmup_steps} "
-                    "both set the warmup: give one (--lr_warmup_ratio none drops a config file's ratio)"
+                    "both set the warmup: give one"
                 )
         if self.validation_steps < 1:
             raise OptionError(f"--validation_steps must be >= 1, got {self.validation_steps}")

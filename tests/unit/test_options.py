@@ -189,6 +189,11 @@ def test_lr_warmup_ratio_and_steps_together_are_refused(tmp_path):
     preset = ["--config", str(ROOT / "configs" / "llm_llama2_7b_math.yaml"), "--dataset", "x"]
     options = parse_options(LLMOptions, [*preset, "--lr_warmup_ratio", "none", "--lr_warmup_steps", "5"])
     assert options.warmup_steps(1000) == 5
+    # ... or simply by a flag: flags override the file (the preset sets lr_warmup_ratio 0.03)
+    options = parse_options(LLMOptions, [*preset, "--lr_warmup_steps", "5"])
+    assert (options.lr_warmup_ratio, options.warmup_steps(1000)) == (None, 5)
+    options = parse_options(LLMOptions, [*preset, "--lr_warmup_ratio", "0.1"])
+    assert options.warmup_steps(1000) == 100
 
 
 def test_check_compatible_compares_every_identity_key():
