@@ -112,6 +112,12 @@ def save_checkpoint(
     try:
         save_bilora_state(tmp / STATE_FILE, components, configs)
         if rank_files:
+            missing = [Path(f).name for f in rank_files if not Path(f).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{', '.join(missing)} not found from the main process: --fsdp_state_dict sharded needs an "
+                    "--output_dir every process shares (one machine or a shared filesystem); use full"
+                )
             for file in rank_files:
                 shutil.move(str(file), tmp / Path(file).name)
         else:

@@ -323,8 +323,19 @@ def distributed_mode(options: TrainOptions, accelerator: Accelerator) -> str:
             "seeing whole norms): use FSDP (accelerate launch --config_file configs/accelerate_fsdp.yaml) or DDP"
         )
     if kind == DistributedType.FSDP:
-        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
             raise OptionError("FSDP: set fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
+        if getattr(accelerator, "torch_device_mesh", None) is not None:
+            raise OptionError(
+                "FSDP: a parallelism config (HSDP, tensor or context parallel) is not supported; Bi-LoRA shards "
+                "over one data-parallel dimension (remove parallelism_config from the accelerate config)"
+            )
+        if getattr(plugin, "activation_checkpointing", False):
+            logger.warning(
+                "FSDP: fsdp_activation_checkpointing is not read (the trainer shards the models itself); "
+                "use --gradient_checkpointing"
+            )
     elif not options.fsdp:
         return "ddp" if accelerator.num_processes > 1 else "single"
     elif accelerator.num_processes == 1:

@@ -126,11 +126,41 @@ def test_shipped_accelerate_configs_parse_and_give_fsdp2_settings():
     assert settings["reshard_after_forward"] is True and type(settings["offload_policy"]) is OffloadPolicy
 
 
-def fake_accelerator(kind, processes=2, fsdp_version=2, mixed_precision="no"):
+def fake_accelerator(kind, processes=2, fsdp_version=2, mixed_precision="no", mesh=None):
     plugin = SimpleNamespace(fsdp_version=fsdp_version)
     return SimpleNamespace(
         distributed_type=kind,
         num_processes=processes,
         state=SimpleNamespace(fsdp_plugin=plugin),
         mixed_precision=mixed_precision,
+        torch_device_mesh=mesh,
     )
+
+
+def test_fsdp_refuses_a_parallelism_mesh():
+    accelerator = fake_accelerator(DistributedType.FSDP, mesh=object())
+    with pytest.raises(OptionError, match="parallelism config .* not supported"):
+        distributed_mode(llm_options(), accelerator)
+
+
+def test_sharded_optimizer_files_the_main_process_cannot_see_are_a_checkpoint_error(tmp_path):
+    """--fsdp_state_dict sharded on machines without a shared output folder: one CheckpointError naming the
+    files, no folder that looks complete, the previous checkpoint kept."""
+    from torch import nn
+
+    from bilora_diffusion.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+
+    config = BiLoRAConfig(rank=1, target_modules=["0"])
+    model = attach_bilora(nn.Sequential(nn.Linear(2, 2)), config)
+    opt = build_optimizer(model, config, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = ({"model": model}, {"model": config}, opt, sched, {"method": "bilora"}, "x: 1\n")
+    save_checkpoint(tmp_path, 1, *args)
+    shard = tmp_path / "shards" / "optimizer-rank0-of-2.pt"
+    shard.parent.mkdir()
+    torch.save({}, shard)
+    files = [shard, tmp_path / "shards" / "optimizer-rank1-of-2.pt"]  # rank 1 wrote on its own disk
+    with pytest.raises(CheckpointError, match="optimizer-rank1-of-2.pt not found from the main process"):
+        save_checkpoint(tmp_path, 2, *args, rank_files=files)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert not list(tmp_path.glob(".checkpoint-*"))
