@@ -200,7 +200,13 @@ class MethodStep:
                     for model in self.models:
                         stack.enter_context(self.no_sync(model))
                 loss = loss_fn(mb)
-                if not torch.isfinite(loss.detach()):
+                finite = bool(torch.isfinite(loss.detach()))
+                if self.accelerator.num_processes > 1:  # every process skips together (else the others hang)
+                    flag = torch.tensor([float(finite)], device=self.accelerator.device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                    if not finite or flag.item() == 0.0:
+                        raise NonFiniteLoss(keys(mb) if not finite else ["another process's batch"])
+                elif not finite:
                     raise NonFiniteLoss(keys(mb))
                 self.accelerator.backward(loss / len(micro_batches))
             total += loss.detach().float().cpu() / len(micro_batches)

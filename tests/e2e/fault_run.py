@@ -25,6 +25,20 @@ def kill() -> None:
 
 
 def inject(kind: str, n: int) -> None:
+    if kind == "nan":
+        from bilora_diffusion.llm.train import LLMTrainer
+
+        original_loss, calls = LLMTrainer.loss, [0]
+
+        def loss(self, micro_batch):
+            value = original_loss(self, micro_batch)
+            calls[0] += 1
+            if calls[0] == n and self.rank == self.world - 1:
+                return value * float("nan")
+            return value
+
+        LLMTrainer.loss = loss
+        return
     if kind == "step":
         original = training.Progress.update
 

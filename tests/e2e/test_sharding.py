@@ -230,3 +230,21 @@ def test_fsdp_refuses_validation_sampling_and_one_process_from_the_command_line(
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp shards over several processes")
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_process_skips_the_step_on_every_process(llm_setup, tmp_path):
+    """A non-finite loss on rank 1 only (DDP and FSDP): every process skips that step together instead of the
+    others waiting forever in the gradient reduction; the run finishes with finite adapters."""
+    os.environ["FAULT_TRAINER"] = "llm"
+    try:
+        for mode, port in ((["--fsdp"], 29546), ([], 29547)):
+            out = tmp_path / ("fsdp" if mode else "ddp")
+            args = llm_args(llm_setup, out, "--train_batch_size", "2", *mode)
+            script = ROOT / "tests" / "e2e" / "fault_run.py"
+            proc = torchrun(script, "nan", "2", *args, port=port, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "step 1 skipped: non-finite loss" in proc.stderr
+            assert all(torch.isfinite(t).all() for t in adapters(out).values())
+    finally:
+        os.environ.pop("FAULT_TRAINER")
