@@ -457,7 +457,9 @@ class Trainer:
         if self.sharded:  # before the optimizer, which steps the shards
             plugin = getattr(acc.state, "fsdp_plugin", None)
             for model in self.trained.values():
-                apply_fsdp(unwrap(model).to(acc.device), **fsdp_kwargs(plugin))
+                # fully_shard moves each block to the device as it shards it: a model left on the CPU (the LLM
+                # trainer's) never sits whole on one GPU
+                apply_fsdp(unwrap(model), **fsdp_kwargs(plugin))
         first = next(iter(self.configs.values()))
         pairs = [(self.trained[name], lr) for name, lr in model_lrs]
         self.optimizer = make_optimizer(o, pairs, first, self.total_steps, self.world)

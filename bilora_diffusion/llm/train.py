@@ -171,7 +171,8 @@ class LLMTrainer(Trainer):
             **extra,
         )
         model.requires_grad_(False)
-        model.to(acc.device)
+        if not self.sharded:  # sharded, fully_shard moves one block at a time: no GPU holds the whole model
+            model.to(acc.device)
         self.configs = {"model": o.bilora_config()}
         attach_bilora(model, self.configs["model"])
         cast_trainable_to_fp32(model)
