@@ -175,10 +175,6 @@ def whole_rows(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return global_view(t, param).full_tensor()
 
 
-def models_sharded(models: ModelOrModels) -> bool:
-    return any(is_sharded(m.parameters()) for m in models_of(models))
-
-
 @contextlib.contextmanager
 def whole_adapters(models: ModelOrModels) -> Iterator[None]:
     """Within this context every sharded trainable tensor (the adapters) is a whole, plain parameter on every

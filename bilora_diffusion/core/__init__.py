@@ -11,6 +11,7 @@ from .bilora import (
     clipped_norm,
     lora_delta,
     lora_delta_conv2d,
+    total_norms,
 )
 from .reference import reference_step
 
@@ -25,4 +26,5 @@ __all__ = [
     "lora_delta",
     "lora_delta_conv2d",
     "reference_step",
+    "total_norms",
 ]

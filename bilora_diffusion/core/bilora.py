@@ -131,6 +131,18 @@ def clipped_norm(sq: torch.Tensor, factors: torch.Tensor) -> float:
     return float((sq * factors.pow(4)).sum().sqrt()) if sq.numel() else 0.0
 
 
+def total_norms(groups: list[list[torch.Tensor]], reduce: Reduce | None = None) -> torch.Tensor:
+    """The 2-norm of each group of tensors (``torch.nn.utils.get_total_norm`` per group), stacked; with
+    ``reduce`` (sharded tensors) the local squared norms of all groups are summed over the ranks in ONE
+    all-reduce."""
+    local = [torch.nn.utils.get_total_norm(tensors) for tensors in groups]
+    dtype = functools.reduce(torch.promote_types, [n.dtype for n in local])
+    norms = torch.stack([n.to(local[0].device, dtype) for n in local])
+    if reduce is not None:
+        norms = reduce(norms.double().square()).sqrt().to(dtype)
+    return norms
+
+
 def clip_grad_norms_(
     grads: dict[str, list[torch.Tensor]], max_norm: float | None, reduce: Reduce | None = None
 ) -> dict[str, float]:
@@ -141,11 +153,7 @@ def clip_grad_norms_(
     grads = {role: tensors for role, tensors in grads.items() if tensors}
     if not grads:
         return {}
-    local = [torch.nn.utils.get_total_norm(tensors) for tensors in grads.values()]
-    dtype = functools.reduce(torch.promote_types, [n.dtype for n in local])
-    norms = torch.stack([n.to(local[0].device, dtype) for n in local])
-    if reduce is not None:
-        norms = reduce(norms.double().square()).sqrt().to(dtype)
+    norms = total_norms(list(grads.values()), reduce)
     if max_norm:
         coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for tensors, coef in zip(grads.values(), coefs):
@@ -159,6 +167,7 @@ __all__ = [
     "block_sq_norms",
     "blocks_sq_norms",
     "grams_sq_norms",
+    "total_norms",
     "clip_factors",
     "clip_grad_norms_",
     "clipped_norm",

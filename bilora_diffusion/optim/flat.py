@@ -25,7 +25,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..config import ConfigError
 from ..peft_glue import LoraPair
-from ..sharding import local, whole_rows
+from ..sharding import is_sharded, local, whole_rows
 
 FLAT_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 """Inner optimizers whose update is elementwise, so stepping one flat vector equals stepping its pieces."""
@@ -65,6 +65,7 @@ class FlatGroup:
         placed = {id(t) for t in ordered}
         self.params = ordered + [p for p in params if id(p) not in placed]
         self.order = [index[id(p)] for p in self.params]
+        self.sharded = is_sharded(self.params)
         self.shapes = [local(p).shape for p in self.params]
         self.numels = [shape.numel() for shape in self.shapes]
         self.total = sum(self.numels)
@@ -81,12 +82,17 @@ class FlatGroup:
         self.has_grad: list[bool] = []
         self.missing: list[int] = []
 
+    def local_params(self) -> list[torch.Tensor]:
+        """The tensors the vector steps: PEFT's parameters, or this rank's shards of them (taken each step:
+        FSDP may replace a shard's storage; one process pays no per-tensor call)."""
+        return [p.to_local() for p in self.params] if self.sharded else self.params
+
     # -- one step ------------------------------------------------------------------------------------------
     def load(self, state: dict) -> bool:
         """Values and gradients into the vector (zeros where a tensor has no gradient); moves ``state`` (the
         inner optimizer's for this vector) along when the model was moved or cast since. Returns whether any
         tensor has a gradient. (Runs under no_grad, inside the optimizer's step.)"""
-        params = [local(p) for p in self.params]
+        params = self.local_params()
         device, dtype = params[0].device, params[0].dtype
         if self.views and self.flat.device == device and self.flat.dtype == dtype:
             torch._foreach_copy_(self.views, params)
@@ -102,7 +108,7 @@ class FlatGroup:
             for key, value in state.items():  # a model moved or cast after building: its state follows
                 if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.total:
                     state[key] = value.to(device=device, dtype=dtype)
-        grads = [local(p.grad) for p in self.params]
+        grads = [local(p.grad) for p in self.params] if self.sharded else [p.grad for p in self.params]
         self.has_grad = [g is not None for g in grads]
         if all(self.has_grad):
             self.missing = []
@@ -127,7 +133,7 @@ class FlatGroup:
 
     def store(self) -> None:
         """Values out to PEFT's tensors; the gradient vector freed, and on CUDA the vector too."""
-        torch._foreach_copy_([local(p) for p in self.params], self.views)
+        torch._foreach_copy_(self.local_params(), self.views)
         self.flat.grad = None
         if self.flat.device.type == "cuda":
             self.flat.data, self.views = self.flat.data.new_empty(0), []

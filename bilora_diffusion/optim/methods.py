@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import METHODS, PRIMARY
+from ..core import total_norms
 from ..peft_glue import bilora_layers, lora_pair
 from ..sharding import full_tensor, is_sharded, local, row_slice
 
@@ -67,9 +68,7 @@ class LoRASAM(Method):
             return loss
         grads = [local(p.grad) for p in params]
         params = [local(p) for p in params]  # sharded (FSDP): this rank's shards; ||g|| summed over the ranks
-        norm = torch.nn.utils.get_total_norm(grads)
-        if opt._reduce is not None:
-            norm = opt._reduce(norm.double().square()).sqrt().to(norm.dtype)
+        (norm,) = total_norms([grads], opt._reduce)
         scale = opt.config.rho / (norm + 1e-12)
         saved = [p.detach().clone() for p in params]
         for p, g in zip(params, grads):
